@@ -1,0 +1,65 @@
+"""Checks of `reid_fastai.data` that a notebook cannot express: data loading in worker processes.
+
+fastai calls `get_idxs` in the main process and hands chunks of indices to the workers, so identity-balanced
+batches, their reproducibility and the error for a broken image must survive `num_workers > 0`.
+"""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from reid_fastai.data import make_demo_dataset, market1501_df, reid_dataloaders  # noqa: E402
+
+torch.set_num_threads(1)  # small tensors; extra threads only fight over a shared CI CPU
+P, K, WORKERS = 8, 4, 2
+SIZE = (64, 32)  # small images keep the run short; the transforms are tested in the notebook
+
+
+@pytest.fixture(scope="module")
+def demo_df(tmp_path_factory):
+    # a small private copy: quick to write and independent of data/demo used by the notebooks
+    return market1501_df(make_demo_dataset(tmp_path_factory.mktemp("demo"), n_ids=40, seed=1))
+
+
+def epoch(dl):
+    "(labels, camids) of every batch of one epoch"
+    return [(b[1].tolist(), b[2].tolist()) for b in dl]
+
+
+def test_balanced_batches_with_workers(demo_df):
+    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=0, device="cpu", size=SIZE)
+    assert dls.train.fake_l.num_workers == WORKERS
+    batches = epoch(dls.train)
+    assert len(batches) == len(dls.train) == len(dls.train_df) // (P * K)
+    for labels, _ in batches:
+        counts = pd.Series(labels).value_counts()
+        assert len(counts) == P and set(counts) == {K}
+
+
+def test_same_seed_same_batches_with_workers(demo_df):
+    a = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=5, device="cpu", size=SIZE)
+    b = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=5, device="cpu", size=SIZE)
+    single = reid_dataloaders(demo_df, p=P, k=K, num_workers=0, seed=5, device="cpu", size=SIZE)
+    first = [epoch(a.train) for _ in range(2)]
+    assert first == [epoch(b.train) for _ in range(2)]
+    assert first == [epoch(single.train) for _ in range(2)]  # workers do not change the order
+    assert first[0] != first[1]  # a new epoch draws new batches
+
+
+def test_test_loader_order_with_workers(demo_df):
+    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, device="cpu", size=SIZE)
+    pids = torch.cat([b[1] for b in dls.valid]).tolist()
+    assert pids == dls.query_df.pid.tolist() + dls.gallery_df.pid.tolist()
+
+
+def test_broken_image_named_from_worker(demo_df, tmp_path):
+    bad = tmp_path / "0001_c1s1_000001_00.jpg"
+    bad.write_bytes(Path(demo_df.path[0]).read_bytes()[:300])  # truncated JPEG
+    df = pd.concat([demo_df, pd.DataFrame({"path": [str(bad)], "pid": [1], "camid": [0], "split": ["gallery"]})],
+                   ignore_index=True)
+    dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, device="cpu", size=SIZE)
+    with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):
+        for _ in dls.valid: pass
