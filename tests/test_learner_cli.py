@@ -1,0 +1,127 @@
+"""`reid_train` end to end on a tiny dataset: the console script, seeded reproducibility, an interrupted run resumed
+from its checkpoint, and a NaN run. What a notebook cannot express (processes, interruptions), kept small: CPU,
+num_workers=0, a 16-identity demo dataset at 32x16 pixels."""
+import configparser, json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest, torch
+from fastai.callback.core import Callback
+
+from reid_fastai.data import make_demo_dataset
+from reid_fastai.callbacks import load_checkpoint_file
+from reid_fastai.learner import reid_train, reid_train_cli
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(recipe='paper', arch='resnet18', size=(32, 16), p=4, k=4, eval_every=2, lr=1e-3, workers=0, seed=3,
+            quiet=True, device='cpu')
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    return str(make_demo_dataset(tmp_path_factory.mktemp('data')/'demo16', n_ids=16, n_cams=3))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machines are shared; also makes the float sums reproducible
+    yield
+    torch.set_num_threads(n)
+
+
+def _weights(out, epoch):
+    return load_checkpoint_file(Path(out)/'checkpoints'/f'ckpt_{epoch:03d}.pth')
+
+
+def _metrics(res): return {k: res[k] for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs')}
+
+
+def test_console_script(tiny_data, tmp_path):
+    "The `reid_train` entry point of settings.ini parses its options (hyphens or underscores) and writes its outputs"
+    cfg = configparser.ConfigParser(); cfg.read(REPO/'settings.ini')
+    assert 'reid_train=reid_fastai.learner:reid_train_cli' in cfg['DEFAULT']['console_scripts'].replace(' ', '')
+    exe = shutil.which('reid_train')
+    cmd = [exe] if exe else [sys.executable, '-c', 'from reid_fastai.learner import reid_train_cli; reid_train_cli()']
+    help_ = subprocess.run(cmd + ['--help'], capture_output=True, text=True, timeout=300)
+    assert help_.returncode == 0 and '--eval_every' in help_.stdout and '--resume' in help_.stdout
+    out = tmp_path/'run'
+    r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(out), '--arch', 'resnet18', '--epochs', '2',
+                              '--size', '32', '16', '--p', '4', '--k', '4', '--eval-every', '1', '--workers', '0',
+                              '--seed', '1', '--device', 'cpu', '--threads', '1', '--checkpoint-every', '1'],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'R1' in r.stdout and 'mAP' in r.stdout
+    res = json.loads((out/'results.json').read_text())
+    for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs', 'seconds', 'images_per_s', 'device', 'git_commit', 'config'):
+        assert k in res, k
+    assert res['epochs'] == 2 and 0 <= res['R1'] <= 1 and res['config']['size'] == [32, 16]
+    assert (out/'curves.png').stat().st_size > 1000 and (out/'export.pkl').exists()
+    assert [f.name for f in (out/'checkpoints').iterdir()] == ['ckpt_002.pth']
+
+
+def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
+    "Without --data: the demo dataset and the CPU preset for the options not given, and it says so (no training here)"
+    import reid_fastai.data as d
+    from fastai.learner import Learner
+    from reid_fastai.learner import DEMO_PRESET
+    monkeypatch.setattr(d, 'make_demo_dataset', lambda *a, **k: Path(tiny_data))
+    monkeypatch.setattr(Learner, 'fit_recipe', lambda self, *a, **k: None)
+    res = reid_train_cli(['--out', str(tmp_path/'demo'), '--p', '4', '--quiet', '--workers', '0'])
+    out = capsys.readouterr().out
+    assert 'no --data given' in out and f"arch={DEMO_PRESET['arch']}" in out and 'p=8' not in out
+    cfg = res['config']
+    assert (cfg['arch'], cfg['p'], cfg['epochs'], tuple(cfg['size'])) == (DEMO_PRESET['arch'], 4, DEMO_PRESET['epochs'], DEMO_PRESET['size'])
+
+
+def test_seeded_run_reproduces(tiny_data, tmp_path):
+    "Two CPU runs with the same seed give the same metrics and the same weights"
+    a = reid_train(data=tiny_data, epochs=2, out=str(tmp_path/'a'), checkpoint_every=2, **TINY)
+    b = reid_train(data=tiny_data, epochs=2, out=str(tmp_path/'b'), checkpoint_every=2, **TINY)
+    assert _metrics(a) == _metrics(b)
+    wa, wb = _weights(tmp_path/'a', 2)['model'], _weights(tmp_path/'b', 2)['model']
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class Interrupt(Callback):
+    "Simulate a crash (Ctrl-C, pre-emption) at the end of epoch `after` (1-based), after its checkpoint was written"
+    order = 100
+    def __init__(self, after): self.after = after
+    def after_epoch(self):
+        if self.epoch + 1 == self.after: raise KeyboardInterrupt(f'interrupted after epoch {self.after}')
+
+
+def test_interrupted_and_resumed_run_ends_like_uninterrupted(tiny_data, tmp_path):
+    "4 epochs in one go == 2 epochs, crash, `--resume` to 4: same weights, centres, optimizer states and metrics"
+    full = reid_train(data=tiny_data, epochs=4, out=str(tmp_path/'full'), checkpoint_every=1, **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        reid_train(data=tiny_data, epochs=4, out=str(tmp_path/'cut'), checkpoint_every=1, cbs=[Interrupt(2)], **TINY)
+    assert [f.name for f in (tmp_path/'cut'/'checkpoints').iterdir()] == ['ckpt_002.pth']
+    resumed = reid_train(data=tiny_data, epochs=4, out=str(tmp_path/'cut'), checkpoint_every=1, resume=True, **TINY)
+    assert _metrics(resumed) == _metrics(full)
+    assert [h['epoch'] for h in resumed['history']] == [h['epoch'] for h in full['history']] == [1, 3]
+    a, b = _weights(tmp_path/'full', 4), _weights(tmp_path/'cut', 4)
+    for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
+    for k in a['loss']: assert torch.equal(a['loss'][k], b['loss'][k]), k          # the centres
+    sa, sb = a['opt']['state'], b['opt']['state']
+    assert all(torch.equal(x['avg'], y['avg']) for x, y in zip(sa, sb) if 'avg' in x)  # Adam's moments
+    assert a['train_iter'] == b['train_iter']
+
+
+class PoisonLoss(Callback):
+    "Make the loss NaN from epoch `at` (0-based) on, as a diverging run would"
+    order = -20  # before NaNStop's check in `after_loss`
+    def __init__(self, at): self.at = at
+    def after_loss(self):
+        if self.training and self.epoch >= self.at:
+            self.learn.loss_grad = self.learn.loss_grad * float('nan'); self.learn.loss = self.learn.loss_grad.clone()
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, capsys):
+    out = tmp_path/'nan'
+    with pytest.warns(RuntimeWarning, match='NaNStop'):
+        res = reid_train(data=tiny_data, epochs=4, out=str(out), checkpoint_every=1, cbs=[PoisonLoss(at=2)], **TINY)
+    assert res['nan_stop']['epoch'] == 2
+    assert 'stopped on a non-finite loss at epoch 2' in capsys.readouterr().out
+    assert [f.name for f in (out/'checkpoints').iterdir()] == ['ckpt_002.pth']   # the last good epoch
+    ck = load_checkpoint_file(out/'checkpoints'/'ckpt_002.pth')
+    assert all(torch.isfinite(v).all() for v in ck['model'].values() if v.is_floating_point())
+    assert (out/'results.json').exists() and not (out/'export.pkl').exists()
