@@ -60,6 +60,8 @@ def make_readme(force=False):
     nb.cells = _title_cells(meta, after=1, cells=cells)
     md, _ = MarkdownExporter().from_notebook_node(nb)
     md = re.sub(r'\n{3,}', '\n\n', md).strip() + '\n'
+    # links between notebooks are relative to nbs/ (quarto turns them into pages); from the README they live in nbs/
+    md = re.sub(r'\]\((\d\d_\w+\.ipynb)\)', r'](nbs/\1)', md)
     readme = cfg.config_path/'README.md'
     readme.write_text(md, encoding='utf-8')
     return readme
