@@ -30,6 +30,8 @@ from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallbac
                                    resume_from, latest_checkpoint, NaNStop, LossTermsRecorder, plot_loss_terms)
 from .evaluation import extract_features, evaluate_reid
 from . import data as reid_data
+from .loaders import reid_dataloaders, ReIDTestDL, LoadImage
+from .augment import reid_item_tfms, reid_batch_tfms
 
 # %% auto #0
 __all__ = ['RECIPES', 'DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model',
@@ -191,7 +193,7 @@ def _auto_precision(device, mixed_precision):
     return None
 
 # %% ../nbs/05_learner.ipynb #29bce0ff
-def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.data.reid_dataloaders`)
+def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders`)
                  arch:str='resnet50', # timm backbone
                  recipe='paper', # a recipe name (see `list_recipes()`) or a `Recipe`
                  pretrained=False, # False, True (timm hub) or a local weights file
@@ -274,7 +276,7 @@ def plot_training(learn, fname=None, title:str|None=None):
 def _image_dl(files, dls=None, size=None, stats=None, bs:int=64):
     "A test-time `DataLoader` over image `files` with the transforms of `dls.valid` (or `size` + `stats`)"
     items = [(str(f), -1, -1) for f in files]
-    tfms = [[ItemGetter(0), reid_data.LoadImage()], [ItemGetter(1)], [ItemGetter(2)]]
+    tfms = [[ItemGetter(0), LoadImage()], [ItemGetter(1)], [ItemGetter(2)]]
     ds = Datasets(items, tfms, n_inp=1, split_idx=1)
     if dls is not None and size is None:
         return dls.valid.new(ds, bs=bs, shuffle=False, drop_last=False)
@@ -282,9 +284,9 @@ def _image_dl(files, dls=None, size=None, stats=None, bs:int=64):
         norm = [t for t in dls.valid.after_batch.fs if isinstance(t, Normalize)]
         stats = (norm[0].mean.flatten().tolist(), norm[0].std.flatten().tolist()) if norm else None
     size = size or (256, 128)
-    return reid_data.ReIDTestDL(ds, bs=bs, shuffle=False, drop_last=False, num_workers=0,
-                                after_item=reid_data.reid_item_tfms(size, train=False),
-                                after_batch=reid_data.reid_batch_tfms(stats or imagenet_stats, train=False))
+    return ReIDTestDL(ds, bs=bs, shuffle=False, drop_last=False, num_workers=0,
+                                after_item=reid_item_tfms(size, train=False),
+                                after_batch=reid_batch_tfms(stats or imagenet_stats, train=False))
 
 def extract_image_features(learn_or_model, # a `Learner` (its `dls.valid` transforms are used) or a model
                            files, # image paths
@@ -385,7 +387,7 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     set_seed(seed, reproducible=True)
     df = reid_data.reid_df(data) if not str(data).endswith('.csv') else reid_data.csv_df(data)
-    dls = reid_data.reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed,
+    dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed,
                                      device=dev, **{**r.data, **cfg['dl_kwargs']})
     if pretrained == 'lite0':
         from reid_fastai.models import efficientnet_lite0_weights

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from reid_fastai.data import make_demo_dataset, market1501_df, reid_dataloaders  # noqa: E402
+from reid_fastai.data import make_demo_dataset, market1501_df  # noqa: E402
+from reid_fastai.loaders import reid_dataloaders  # noqa: E402
 
 torch.set_num_threads(1)  # small tensors; extra threads only fight over a shared CI CPU
 P, K, WORKERS = 8, 4, 2
