@@ -26,6 +26,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('data', nargs='?', help='Market-1501 folder (default: market1501_path())')
     ap.add_argument('--demo', action='store_true', help='use the synthetic demo dataset (smoke test)')
+    ap.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: CUDA if available)")
     ap.add_argument('--recipe', default='paper')
     ap.add_argument('--arch', default=None, help='default: resnet50, or tf_efficientnet_lite0 with --init lite0')
     ap.add_argument('--init', default='scratch', choices=['scratch', 'lite0', 'timm'],
@@ -42,6 +43,10 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true')
     ap.add_argument('--rerank', action='store_true')
     ap.add_argument('--resume', action='store_true')
+    ap.add_argument('--pipeline', default='auto', choices=['auto', 'pil', 'cached'])
+    ap.add_argument('--max-minutes', type=float, default=None, help='stop cleanly (with a checkpoint) before this budget')
+    ap.add_argument('--checkpoint-every', type=int, default=5)
+    ap.add_argument('--quiet', action='store_true')
     ap.add_argument('--out', default=None, help='run folder (default runs/bench_<name>)')
     ap.add_argument('--results', default=str(REPO/'benchmarks'/'results'))
     a = ap.parse_args(argv)
@@ -62,12 +67,14 @@ def main(argv=None):
     res = reid_train(data=str(data), recipe=a.recipe, arch=arch, epochs=a.epochs, out=str(out), pretrained=pretrained,
                      p=a.p, k=a.k, size=tuple(a.size), eval_every=a.eval_every, resume=a.resume, seed=a.seed,
                      workers=a.workers, lr=a.lr, mixed_precision=a.mixed_precision, compile=a.compile,
-                     rerank=a.rerank)
+                     rerank=a.rerank, device=a.device, pipeline=a.pipeline, max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every,
+                     quiet=a.quiet)
     wall = time.perf_counter() - t0
     summary = dict(name=name, date=stamp, wall_seconds=round(wall, 1), init=a.init,
                    torch=torch.__version__, cuda=torch.version.cuda,
+                   command=' '.join(sys.argv),
                    **{k: res[k] for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs', 'seconds', 'train_seconds',
-                                          'images_per_s', 'device', 'git_commit', 'config')})
+                                          'images_per_s', 'device', 'git_commit', 'time_stop', 'history', 'config')})
     results = Path(a.results); results.mkdir(parents=True, exist_ok=True)
     f = results/f'{name}_{stamp}.json'
     f.write_text(json.dumps(summary, indent=2, default=str))

@@ -4,7 +4,8 @@
 
 # %% ../nbs/03_callbacks.ipynb #9e7c2de6
 from __future__ import annotations
-import math, random, warnings
+import math, os, random, sys, time, warnings
+from functools import partial
 from bisect import bisect_right
 from pathlib import Path
 import numpy as np
@@ -13,7 +14,8 @@ from torch import nn
 from fastcore.basics import patch, store_attr
 from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.learner import Learner, Recorder, save_model, load_model, join_path_file
+from torch.overrides import TorchFunctionMode
+from fastai.learner import Learner, Recorder, AvgSmoothLoss, save_model, load_model, join_path_file
 from fastai.callback.core import (Callback, CancelValidException, CancelEpochException, CancelFitException,
                                   TrainEvalCallback)
 from fastai.callback.schedule import ParamScheduler
@@ -23,9 +25,10 @@ import matplotlib.pyplot as plt
 
 # %% auto #0
 __all__ = ['sched_warmup_multistep', 'in_fit', 'SkipValidation', 'loss_terms', 'center_loss_terms', 'camera_biases',
-           'CenterLossOptimizer', 'stateful_callbacks', 'CameraBiasSchedule', 'ReIDEvalCallback', 'rng_states',
-           'set_rng_states', 'checkpoint_state', 'load_checkpoint_file', 'latest_checkpoint', 'ReIDCheckpoint',
-           'ResumeState', 'resume_from', 'NaNStop', 'LossTermsRecorder', 'plot_loss_terms']
+           'fused_step_skip', 'CenterLossOptimizer', 'stateful_callbacks', 'CameraBiasSchedule', 'ReIDEvalCallback',
+           'rng_states', 'set_rng_states', 'checkpoint_state', 'load_checkpoint_file', 'latest_checkpoint',
+           'ReIDCheckpoint', 'ResumeState', 'resume_from', 'TimeBudget', 'NaNStop', 'LossTermsRecorder',
+           'plot_loss_terms', 'DeviceSmoothLoss', 'LeanLogging', 'HostSyncLog', 'SyncProbe']
 
 # %% ../nbs/03_callbacks.ipynb #0087ff92
 def sched_warmup_multistep(lr, # peak learning rate (a float or an array, one per parameter group)
@@ -112,11 +115,15 @@ def camera_biases(loss_func) -> list:
     return list({id(o): o for o in found}.values())
 
 # %% ../nbs/03_callbacks.ipynb #740bc6c1
+def fused_step_skip(opt) -> bool:
+    "Whether torch optimizer `opt` can skip a step on the device (fused kernels read `opt.found_inf`, no host sync)"
+    return isinstance(opt, torch.optim.Optimizer) and bool(opt.defaults.get('fused'))
+
 class CenterLossOptimizer(Callback):
     "Step the centres of every center-loss term of `learn.loss_func` with their own SGD, gradients rescaled by 1/beta"
     order = 11 # after GradientAccumulation (6) and MixedPrecision (10) have decided whether the main optimizer steps
     def __init__(self, lr:float=0.5, # learning rate of the centres' SGD
-                 opt_func=torch.optim.SGD, # optimizer class for the centres
+                 opt_func=partial(torch.optim.SGD, fused=True), # optimizer class for the centres (fused: skips non-finite steps on the device)
                  **opt_kwargs):
         store_attr('lr,opt_func,opt_kwargs')
         self.center_opt, self._params, self._pending_opt_state, self.n_steps = None, None, None, 0
@@ -143,19 +150,25 @@ class CenterLossOptimizer(Callback):
         if opt is None: return
         scaler = getattr(self.learn, 'scaler', None)
         if scaler is not None and scaler.is_enabled(): scaler.unscale_(opt)
-        ok = True
+        finite = []
         for _, t, beta in self._terms():
             g = t.centers.grad
             if g is None: continue
             g.mul_(1./beta)
-            ok = ok and bool(torch.isfinite(g).all())
-        self._stepping = ok
+            finite.append(torch.isfinite(g).all())
+        # a device-side flag, read by a fused optimizer without a host sync; `NaNStop` adds the loss's own flag
+        ok = torch.stack(finite).all() if finite else None
+        if ok is not None and getattr(self.learn, 'loss_ok', None) is not None: ok = ok & self.learn.loss_ok
+        self._ok, self._stepping = ok, True
 
     def after_cancel_step(self): self._stepping = False
     def after_step(self):
         opt = self._get_opt()
         if opt is None: return
-        if self._stepping: opt.step(); self.n_steps += 1
+        if self._stepping and self._ok is not None:
+            if fused_step_skip(opt): opt.found_inf = (~self._ok).float(); opt.step()
+            elif bool(self._ok): opt.step()   # other optimizers: decide on the host (a sync)
+            self.n_steps += 1
         opt.zero_grad()
         self._stepping = False
 
@@ -412,45 +425,128 @@ def resume_from(learn, path='checkpoints', device=None) -> int:
     learn.add_cb(ResumeState(st))
     return st['epoch'] + 1
 
-# %% ../nbs/03_callbacks.ipynb #55a17ae6
-class NaNStop(TerminateOnNaNCallback):
-    "Stop training on a NaN/inf loss before it reaches the weights, with a diagnostic in `learn.nan_stop`"
-    order, run_valid = TerminateOnNaNCallback.order, False
+# %% ../nbs/03_callbacks.ipynb #abd36898
+class TimeBudget(Callback):
+    "Stop a fit after the epoch past which the next would overrun `max_minutes`, with a checkpoint to `--resume` from"
+    order = 66 # after `ReIDCheckpoint` (65) in `after_epoch`
+    def __init__(self, max_minutes:float, # wall-clock budget of the whole fit
+                 clock=time.perf_counter): # seconds since some origin (a test can pass a fake one)
+        self.max_minutes, self.clock = max_minutes, clock
     def before_fit(self):
-        if in_fit(self.learn): self.learn.nan_stop = None
+        if in_fit(self.learn): self.learn.time_stop, self._t0 = None, self.clock()
+    def before_epoch(self): self._te, self._trained = self.clock(), False
+    def before_train(self): self._trained = True   # not reached by the epochs a resumed run skips
+    def after_epoch(self):
+        if not self._trained or getattr(self.learn, 'nan_stop', None) or self.epoch == self.n_epoch - 1: return
+        now = self.clock()
+        if now - self._t0 + (now - self._te) <= 60 * self.max_minutes: return
+        cks = self.learn._grab_cbs(ReIDCheckpoint)
+        file = None
+        if cks:
+            ck = cks[0]
+            done = ck.saved and ck.saved[-1].name == f'{ck.fname}_{self.epoch + 1:03d}.pth'
+            file = ck.saved[-1] if done else ck.save(self.epoch)
+        minutes = (now - self._t0) / 60
+        self.learn.time_stop = dict(epoch=self.epoch, minutes=round(minutes, 2), checkpoint=str(file) if file else None)
+        print(f"TimeBudget: stopped after epoch {self.epoch + 1} of {self.n_epoch} ({minutes:.1f} of {self.max_minutes:g} "
+              f"minutes; the next epoch would not fit)" + (f"; resume from {file}" if file else ''))
+        raise CancelFitException()
+
+
+# %% ../nbs/03_callbacks.ipynb #55a17ae6
+class NaNStop(Callback):
+    "Stop training on a NaN/inf loss with a diagnostic in `learn.nan_stop`; the non-finite step never reaches the weights"
+    order, run_valid = TerminateOnNaNCallback.order, False
+    def __init__(self, check_every:int=25): # fused optimizer: read the device-side record every `check_every` batches
+        self.check_every = check_every
+
+    def before_fit(self):
+        if not in_fit(self.learn): return
+        self.learn.nan_stop, self.learn.loss_ok = None, None
+        self._on_device = fused_step_skip(getattr(self.learn.opt, 'opt', None))
+        self._n = self._first = None   # device counters: batches since the last check, and the first bad one among them
+        self._positions, self._vals = [], None
+
+    def _term_values(self, loss) -> dict:
+        "The loss terms (`loss_func.last_tensors`, else `.last`) and the loss itself, as 0-d float tensors on the device"
+        lf = self.learn.loss_func
+        vals = getattr(lf, 'last_tensors', None)
+        if vals is None: vals = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
+        return {**{k: v.detach().float().reshape(()) for k, v in vals.items()}, 'loss': loss.detach().float().mean()}
+
     def after_loss(self):
-        if not self.training or torch.isfinite(self.learn.loss).all(): return
-        last = getattr(self.learn.loss_func, 'last', None) or {}
-        bad = [k for k, v in last.items() if not math.isfinite(v) and k != 'total']
-        info = dict(epoch=self.epoch, iter=self.iter, train_iter=self.train_iter, terms=bad, last=dict(last))
-        self.learn.nan_stop = info
+        if not self.training: return
+        loss = self.learn.loss
+        ok = torch.isfinite(loss).all()
+        self.learn.loss_ok = ok   # also read by `CenterLossOptimizer`
+        vals = self._term_values(loss)
+        if not self._on_device:   # e.g. fastai's own optimizers: decide now, on the host (a sync every batch)
+            if not bool(ok): self._stop((self.epoch, self.iter, self.train_iter), vals)
+            return
+        # a fused torch optimizer skips the step itself when `found_inf` is set: nothing here waits for the GPU
+        self.learn.opt.opt.found_inf = (~ok).float()
+        if self._n is None: self._n, self._first = loss.new_zeros((), dtype=torch.long), loss.new_full((), -1, dtype=torch.long)
+        new = (~ok) & (self._first < 0)
+        self._first = torch.where(new, self._n, self._first)
+        self._vals = vals if self._vals is None else {k: torch.where(new, v, self._vals.get(k, v)) for k, v in vals.items()}
+        self._n += 1
+        self._positions.append((self.epoch, self.iter, self.train_iter))
+
+    def _check(self):
+        if self._first is None: return
+        first = int(self._first)   # the one host sync, every `check_every` batches
+        if first >= 0: self._stop(self._positions[first], self._vals)
+        self._n.zero_(); self._positions = []
+
+    def after_batch(self):
+        if self._on_device and self.training and len(self._positions) >= self.check_every: self._check()
+    def after_train(self):
+        if self._on_device: self._check()
+
+    def _stop(self, position, vals):
+        epoch, it, train_iter = position
+        last = dict(zip(vals, torch.stack(list(vals.values())).tolist()))
+        bad = [k for k, v in last.items() if not math.isfinite(v) and k not in ('total', 'loss')]
+        self.learn.nan_stop = dict(epoch=epoch, iter=it, train_iter=train_iter, terms=bad, last=last)
         terms = f"non-finite loss terms: {', '.join(bad)}" if bad else "no single term is marked non-finite (see the model output)"
         scaler = getattr(self.learn, 'scaler', None)
         fp16 = ' You train in fp16: try `to_bf16()` (same range as fp32) or fp32.' if scaler is not None and scaler.is_enabled() else ''
-        warnings.warn(f"NaNStop: the loss is {float(self.learn.loss.float().mean())} at epoch {self.epoch}, batch {self.iter} "
-                      f"(iteration {self.train_iter}); {terms}. Training stopped before this step, the weights are the last "
-                      f"good ones. Try a lower learning rate, a longer warmup or gradient clipping.{fp16}", RuntimeWarning)
+        warnings.warn(f"NaNStop: the loss is {last['loss']} at epoch {epoch}, batch {it} (iteration {train_iter}); {terms}. "
+                      f"Training stopped; that step did not reach the weights, which are the last good ones. "
+                      f"Try a lower learning rate, a longer warmup or gradient clipping.{fp16}", RuntimeWarning)
         raise CancelFitException()
-    def after_batch(self): pass # the check is done in `after_loss`, before the step
+
 
 # %% ../nbs/03_callbacks.ipynb #e56cd864
 class LossTermsRecorder(Callback):
-    "Record the per-term losses of `learn.loss_func.last` every training batch, and their mean per epoch"
+    "Record the per-term losses of `learn.loss_func` every training batch (on the device, read once per epoch) and their epoch means"
     order, run_valid = 51, False
     def __init__(self): self.batches, self.epochs, self._restored = [], [], False
     def before_fit(self):
         if not in_fit(self.learn): return
         if not self._restored: self.batches, self.epochs = [], []
         self._restored = False
-    def before_train(self): self._sums, self._n = {}, 0
+    def before_train(self): self._rows, self._iters, self._names, self._start = [], [], None, len(self.batches)
     def after_batch(self):
-        last = getattr(self.learn.loss_func, 'last', None)
+        lf = self.learn.loss_func
+        last = getattr(lf, 'last_tensors', None)
+        if last is None: last = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
         if not last: return
-        self.batches.append({'iter': self.train_iter, **last})
-        for k, v in last.items(): self._sums[k] = self._sums.get(k, 0.) + v
-        self._n += 1
+        if self._names is not None and tuple(last) != self._names: self._flush()   # the terms changed (rare)
+        self._names = tuple(last)
+        self._rows.append(torch.stack([v.detach().float().reshape(()) for v in last.values()]))   # stays on the device
+        self._iters.append(self.train_iter)
+    def _flush(self):
+        if not self._rows: return
+        vals = torch.stack(self._rows).tolist()   # one host sync for all the batches since the last flush
+        self.batches += [{'iter': i, **dict(zip(self._names, v))} for i, v in zip(self._iters, vals)]
+        self._rows, self._iters = [], []
     def after_train(self):
-        if self._n: self.epochs.append({'epoch': self.epoch, **{k: v/self._n for k, v in self._sums.items()}})
+        self._flush()
+        rows = self.batches[self._start:]
+        if not rows: return
+        names = list(dict.fromkeys(k for r in rows for k in r if k != 'iter'))
+        self.epochs.append({'epoch': self.epoch, **{k: float(np.mean([r[k] for r in rows if k in r])) for k in names}})
     def state_dict(self): return {'batches': [dict(b) for b in self.batches], 'epochs': [dict(e) for e in self.epochs]}
     def load_state_dict(self, sd):
         self.batches, self.epochs, self._restored = [dict(b) for b in sd['batches']], [dict(e) for e in sd['epochs']], True
@@ -475,3 +571,81 @@ def plot_loss_terms(learn, per:str='batch', # 'batch' (smoothed) or 'epoch' (mea
     if log: ax.set_yscale('log')
     ax.set_xlabel('iteration' if per == 'batch' else 'epoch'); ax.set_ylabel('loss (unweighted terms)'); ax.legend()
     return ax
+
+# %% ../nbs/03_callbacks.ipynb #2d77c75c
+class DeviceSmoothLoss(AvgSmoothLoss):
+    "fastai's smoothed training loss, kept on the loss's device (fastai's own copies it to the CPU every batch: a host sync)"
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().float().mean()
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+class LeanLogging(Callback):
+    "fastai's per-batch logging without a host sync per batch: smoothed loss on the device, the progress bar's loss every `every` batches"
+    order = 56 # after `Recorder` (50) has updated `learn.smooth_loss`, before `ProgressCallback` (60) prints it
+    def __init__(self, every:int=20): self.every = every
+    def before_fit(self):
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is not None and not isinstance(rec.smooth_loss, DeviceSmoothLoss):
+            rec.smooth_loss = DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+            rec.smooth_loss.reset()   # `Recorder.before_fit` (order 50) reset the one it had
+        self._active = not any(type(cb).__name__ == 'LRFinder' for cb in self.learn.cbs)   # lr_find reads it every batch
+    def before_train(self):
+        rec = getattr(self.learn, 'recorder', None)
+        self._start = len(rec.losses) if rec is not None else 0
+    def after_batch(self):
+        # fastai's `ProgressCallback` formats `learn.smooth_loss` (a host sync) when it exists: let it, every `every` batches
+        if self._active and self.training and (self.iter + 1) % self.every and hasattr(self.learn, 'smooth_loss'):
+            del self.learn.smooth_loss
+    def after_train(self):
+        rec = getattr(self.learn, 'recorder', None)
+        if rec is None: return
+        self.learn.smooth_loss = rec.smooth_loss.value
+        new = rec.losses[self._start:]
+        if new and torch.is_tensor(new[0]): rec.losses[self._start:] = torch.stack([torch.as_tensor(v).float() for v in new]).tolist()
+
+
+# %% ../nbs/03_callbacks.ipynb #2528942e
+_SYNC_OPS = {'item', 'tolist', 'numpy', 'cpu', '__bool__', '__float__', '__int__', '__index__', '__format__',
+             'nonzero', 'argwhere', 'masked_select', 'unique', 'unique_consecutive', 'bincount', 'repeat_interleave'}
+
+def _bool_index(args) -> bool:
+    idx = args[1] if len(args) > 1 else None
+    idx = idx if isinstance(idx, (tuple, list)) else (idx,)
+    return any(torch.is_tensor(i) and i.dtype == torch.bool for i in idx)
+
+def _to_host(args, kwargs) -> bool:
+    "Is this `.to(...)` a copy from an accelerator to the host?"
+    dev = kwargs.get('device', next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+    src = args[0] if args and torch.is_tensor(args[0]) else None
+    return dev is not None and torch.device(dev).type == 'cpu' and src is not None and src.device.type != 'cpu'
+
+class HostSyncLog(TorchFunctionMode):
+    "Record the tensor calls that make the host wait for the device (`.item()`, `bool()`, `.tolist()`, `.cpu()`, mask indexing, ...) and where"
+    def __init__(self): super().__init__(); self.calls = []   # (op, 'file:line')
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', '')
+        if name in _SYNC_OPS or (name == '__getitem__' and _bool_index(args)) or (name == 'to' and _to_host(args, kwargs)):
+            self.calls.append((name, _caller()))
+        return func(*args, **kwargs)
+
+def _caller() -> str:
+    "'file:line' of the innermost frame outside torch and this module"
+    f = sys._getframe(2)
+    while f is not None and (f'{os.sep}torch{os.sep}' in f.f_code.co_filename or f.f_code.co_filename == _caller.__code__.co_filename): f = f.f_back
+    return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else '?'
+
+class SyncProbe(Callback):
+    "Log every host-synchronising tensor call made during the training batches of a fit in `self.log` (a `HostSyncLog`)"
+    order = -100 # first in every event: starts before the others' `before_train`, stops before their `after_train`
+    def before_fit(self): self.log, self._on = HostSyncLog(), False
+    def before_train(self): self.log.__enter__(); self._on = True
+    def after_train(self): self._off()
+    def after_fit(self): self._off()   # a fit cancelled inside a batch never reaches `after_train`
+    def _off(self):
+        if self._on: self.log.__exit__(None, None, None); self._on = False
+    def calls_from(self, pattern:str='reid_fastai') -> list:
+        "The logged calls made from files whose path contains `pattern`"
+        return [c for c in self.log.calls if pattern in c[1]]
+

@@ -15,8 +15,8 @@ from fastai.vision.core import PILImage
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'MARKET_DIRNAME', 'LAYOUTS', 'check_reid_df', 'reid_summary', 'market1501_df', 'repo_root',
            'data_dir', 'market1501_path', 'dukemtmc_df', 'cuhk03np_df', 'msmt17_df', 'csv_df', 'folders_df', 'reid_df',
-           'make_demo_dataset', 'demo_attributes', 'make_demo_dataset_cli', 'load_reid_image', 'verify_images',
-           'market_attributes']
+           'make_demo_dataset', 'demo_attributes', 'make_demo_dataset_cli', 'load_reid_image', 'available_cpus',
+           'pool_map', 'chunk_ranges', 'verify_images', 'market_attributes']
 
 # %% ../nbs/00_data.ipynb #466ebc37
 SPLITS = ('train', 'query', 'gallery')
@@ -453,13 +453,54 @@ def load_reid_image(path) -> PILImage:
                       "run `verify_images(df)` to list every bad file") from None
     return PILImage(im)
 
-def verify_images(df:pd.DataFrame) -> pd.DataFrame:
-    "Decode every image of `df`; return a table (path, error) of those that fail (empty when all are fine)"
+
+# %% ../nbs/00_data.ipynb #6b1be3e6
+def _cgroup_cpus():
+    "The CPU quota of this container (cgroup v2 `cpu.max`), or None"
+    try: quota, period = Path('/sys/fs/cgroup/cpu.max').read_text().split()[:2]
+    except (OSError, ValueError): return None
+    return None if quota == 'max' else max(1, int(quota) // int(period))
+
+def available_cpus() -> int:
+    "Cores this process may use (affinity, container quota) minus those other processes keep busy (1-minute load); at least 1"
+    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    n = min(n, _cgroup_cpus() or n)
+    try: busy = os.getloadavg()[0]
+    except (OSError, AttributeError): busy = 0.
+    return max(1, min(n, n - round(busy)))
+
+
+# %% ../nbs/00_data.ipynb #215b70fc
+def pool_map(fn, jobs:list, workers:int) -> list:
+    "`[fn(j) for j in jobs]`, in up to `workers` processes when there is more than one job and worker"
+    if workers <= 1 or len(jobs) <= 1: return [fn(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    # fork: the workers only run PIL and numpy and start in milliseconds (spawn would import torch again in each)
+    ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as ex: return list(ex.map(fn, jobs))
+
+def chunk_ranges(n:int, workers:int, min_size:int=64) -> list:
+    "Consecutive `(start, stop)` ranges covering `range(n)`: about 4 per worker, so that slow files even out"
+    size = max(min_size, math.ceil(n / max(1, 4*workers)))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+def _check_chunk(job):
+    paths, start = job
     bad = []
-    for p in df['path']:
+    for i, p in enumerate(paths):
         try: load_reid_image(p)
-        except OSError as e: bad.append((p, str(e.__cause__ or e)))
-    return pd.DataFrame(bad, columns=['path', 'error'])
+        except OSError as e: bad.append((start + i, str(e)))
+    return bad
+
+def verify_images(df:pd.DataFrame, workers:int|None=None) -> pd.DataFrame:
+    "Decode every image of `df` in `workers` processes (default `available_cpus()`); a table (path, error) of the bad ones"
+    paths = [str(p) for p in df['path']]
+    workers = ifnone(workers, available_cpus())
+    jobs = [(paths[s:e], s) for s, e in chunk_ranges(len(paths), workers)]
+    bad = [b for part in pool_map(_check_chunk, jobs, workers) for b in part]
+    return pd.DataFrame([(paths[i], err) for i, err in bad], columns=['path', 'error'])
+
 
 # %% ../nbs/00_data.ipynb #155d2703
 def market_attributes(mat_path) -> pd.DataFrame:

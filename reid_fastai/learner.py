@@ -14,7 +14,7 @@ from fastcore.basics import patch, ifnone, store_attr
 from fastcore.foundation import L
 from fastcore.script import call_parse, anno_parser, Param, store_true
 from fastai.learner import Learner, load_learner
-from fastai.optimizer import Adam
+from fastai.optimizer import Adam, OptimWrapper, detuplify_pg, set_item_pg
 from fastai.callback.core import Callback
 from fastai.callback.channelslast import ChannelsLast
 from fastai.torch_core import set_seed
@@ -27,16 +27,18 @@ from .models import ReIDNet, JLML, reid_splitter
 from .losses import (ReIDLoss, CrossEntropyLabelSmooth, TripletLoss, CenterLoss, ClassCircleLoss,
                                 CameraBias)
 from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallback, ReIDCheckpoint,
-                                   resume_from, latest_checkpoint, NaNStop, LossTermsRecorder, plot_loss_terms)
+                                   resume_from, latest_checkpoint, NaNStop, LossTermsRecorder, plot_loss_terms,
+                                   LeanLogging, TimeBudget)
 from .evaluation import extract_features, evaluate_reid
 from . import data as reid_data
-from .loaders import reid_dataloaders, ReIDTestDL, LoadImage
+from .loaders import reid_dataloaders, ReIDTestDL, LoadImage, CachedBatches
 from .augment import reid_item_tfms, reid_batch_tfms
 
 # %% auto #0
 __all__ = ['RECIPES', 'DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model',
-           'recipe_loss', 'reid_opt_func', 'cuda_loaders', 'reid_learner', 'recipe_schedule', 'plot_training',
-           'extract_image_features', 'demo_preset', 'TrainTimer', 'device_name', 'reid_train', 'reid_train_cli']
+           'recipe_loss', 'ReIDOptimWrapper', 'reid_opt_func', 'cuda_loaders', 'reid_learner', 'recipe_schedule',
+           'plot_training', 'extract_image_features', 'demo_preset', 'TrainTimer', 'device_name', 'reid_train',
+           'reid_train_cli']
 
 # %% ../nbs/05_learner.ipynb #24a463f5
 @dataclass
@@ -161,9 +163,52 @@ def recipe_loss(recipe, n_classes:int, feat_dim:int) -> ReIDLoss:
     return ReIDLoss(**terms)
 
 # %% ../nbs/05_learner.ipynb #b43723bc
-def reid_opt_func(betas=(0.9, 0.999), eps:float=1e-8, true_wd:bool=False):
-    "fastai `Adam` with PyTorch's betas/eps and L2 (BoT) or decoupled (`true_wd`) weight decay"
-    return partial(Adam, mom=betas[0], sqr_mom=betas[1], eps=eps, decouple_wd=true_wd)
+class ReIDOptimWrapper(OptimWrapper):
+    "fastai's `OptimWrapper` over a torch optimizer; `wd_bn_bias=False` gives each group's biases and norm weights (1-d) no weight decay"
+    def __init__(self, params, # fastai parameter groups (what a splitter returns)
+                 opt=torch.optim.Adam, # torch optimizer class
+                 wd_bn_bias:bool=True, # also decay biases and normalisation weights
+                 **kwargs): # the torch optimizer's arguments (lr, betas, eps, weight_decay, fused, ...)
+        groups = L(params)
+        groups = [list(g) for g in groups] if isinstance(groups[0], (L, list)) else [list(groups)]
+        torch_groups, self._owner, self._wd_mult = [], [], []
+        for i, g in enumerate(groups):
+            # a torch group per (fastai group, decayed or not); 1-d tensors are the biases and BatchNorm/LayerNorm weights
+            parts = [(g, 1.)] if wd_bn_bias else [([p for p in g if p.ndim > 1], 1.), ([p for p in g if p.ndim <= 1], 0.)]
+            for ps, mult in parts:
+                if ps or mult == 1.: torch_groups.append({'params': ps}); self._owner.append(i); self._wd_mult.append(mult)
+        super().__init__(opt=opt(torch_groups, **kwargs))
+        self.n_groups = len(groups)
+
+    def _firsts(self): return [self._owner.index(i) for i in range(self.n_groups)]
+    @property
+    def hypers(self):
+        "One dict of fastai-named hyper-parameters per fastai group (its decayed torch group's)"
+        pgs = self.opt.param_groups
+        return [{self.fwd_map.get(k, k): v for k, v in detuplify_pg(pgs[t]).items() if k != 'params'} for t in self._firsts()]
+    def _set_hyper(self, k, v):
+        for t, pg in enumerate(self.opt.param_groups):
+            val = v[self._owner[t]]
+            set_item_pg(pg, self.bwd_map[k], val * self._wd_mult[t] if k == 'wd' else val)
+    @property
+    def param_lists(self):
+        "The parameters of each fastai group (its torch groups together)"
+        res = [[] for _ in range(self.n_groups)]
+        for t, pg in enumerate(self.opt.param_groups): res[self._owner[t]] += pg['params']
+        return res
+
+def reid_opt_func(betas=(0.9, 0.999), # Adam's (beta1, beta2)
+                  eps:float=1e-8, # Adam's epsilon
+                  true_wd:bool=False, # False: L2 weight decay inside Adam (BoT); True: decoupled (AdamW)
+                  wd_bn_bias:bool=True, # decay biases and normalisation weights too (BoT)
+                  impl:str='torch', # 'torch': PyTorch's fused Adam/AdamW; 'fastai': fastai's `Adam`
+                  fused:bool=True): # torch: one fused kernel for all parameters, and device-side skipping of non-finite steps
+    "Adam with PyTorch's betas/eps and L2 (BoT) or decoupled (`true_wd`) weight decay, as a fastai `opt_func`"
+    if impl == 'fastai': return partial(Adam, mom=betas[0], sqr_mom=betas[1], eps=eps, decouple_wd=true_wd)
+    if impl != 'torch': raise ValueError(f"impl must be 'torch' or 'fastai', got {impl!r}")
+    return partial(ReIDOptimWrapper, opt=torch.optim.AdamW if true_wd else torch.optim.Adam, betas=tuple(betas), eps=eps,
+                   wd_bn_bias=wd_bn_bias, fused=fused)
+
 
 # %% ../nbs/05_learner.ipynb #334fa360
 class _ToDeviceNonBlocking:
@@ -177,10 +222,11 @@ class _ToDeviceNonBlocking:
     def setup(self, *args, **kwargs): pass
 
 def cuda_loaders(dls):
-    "On CUDA: pinned-memory batches copied with `non_blocking=True` (instead of fastai's blocking `to_device`)"
+    "On CUDA, for the PIL path: pinned-memory batches copied with `non_blocking=True` (instead of fastai's blocking `to_device`)"
     dev = torch.device(getattr(dls, 'device', None) or 'cpu')
     if dev.type != 'cuda' or getattr(dls, '_cuda_ready', False): return dls
     for dl in dls.loaders:
+        if isinstance(dl, CachedBatches): continue  # the cached path gathers its batches on the device already
         dl.pin_memory = dl.fake_l.pin_memory = True
         dl.device = None  # fastai's own (blocking) copy is replaced by the first batch transform
         dl.after_batch.fs.insert(0, _ToDeviceNonBlocking(dev))
@@ -206,6 +252,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
                  eps:float=1e-8, # Adam's epsilon (PyTorch's default)
                  true_wd:bool=False, # False: L2 weight decay inside Adam (BoT); True: decoupled (AdamW)
                  wd_bn_bias:bool=True, # decay biases and BatchNorm weights too (BoT)
+                 optimizer:str='torch', # 'torch': PyTorch's fused Adam (fast, sync-free NaN guard); 'fastai': fastai's `Adam`
                  center_lr:float=0.5, # learning rate of the centres' SGD
                  flip:bool=True, # flip test-time augmentation in the evaluation
                  rerank:bool=False, # k-reciprocal re-ranking in the evaluation
@@ -217,7 +264,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     r = get_recipe(recipe)
     model = recipe_model(r, dls.n_classes, arch=arch, pretrained=pretrained, **model_kwargs)
     loss = recipe_loss(r, dls.n_classes, model.feat_dim)
-    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank), LossTermsRecorder(), NaNStop()]
+    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank), LossTermsRecorder(), NaNStop(), LeanLogging()]
     if 'center' in r.terms: cb_list.append(CenterLossOptimizer(lr=center_lr))
     if r.loss.get('camera_bias'): cb_list.append(CameraBiasSchedule())
     device = torch.device(getattr(dls, 'device', None) or 'cpu')
@@ -225,7 +272,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     if channels_last is None: channels_last = device.type == 'cuda'
     if channels_last: cb_list.append(ChannelsLast())
     if compile: model.compile()
-    learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd), lr=lr, wd=wd,
+    learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
                     wd_bn_bias=wd_bn_bias, splitter=reid_splitter, cbs=cb_list + L(cbs), path=path)
     learn.recipe, learn.arch = r, arch
     prec = _auto_precision(device, mixed_precision)
@@ -358,19 +405,20 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
                eval_every:int=None, # evaluate every N epochs (default 10; demo 3)
                resume:store_true=False, # continue from the newest checkpoint in OUT/checkpoints
                seed:int=42, # random seed (weights, sampling, augmentation)
-               workers:int=None, # dataloader worker processes (default: data's default)
+               workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the free cores)
+               pipeline:str='auto', # 'auto' (cached on a GPU, PIL on the CPU), 'pil' or 'cached'
                lr:float=None, # peak learning rate (default 3.5e-4; demo 1e-3)
                mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on CPU)
                compile:store_true=False, # torch.compile the model
                checkpoint_every:int=5, # write a checkpoint every N epochs
                rerank:store_true=False, # k-reciprocal re-ranking in the evaluation
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
-               threads:int=None, # torch CPU threads
+               threads:int=None, # torch CPU threads (default on the CPU: the cores not already busy)
+               max_minutes:float=None, # stop cleanly, with a checkpoint, before this wall-clock budget; then --resume
                quiet:store_true=False, # no progress bar
                cbs=None, # (Python only) extra callbacks for `fit`
                dl_kwargs:dict=None): # (Python only) more `reid_dataloaders` arguments (override the recipe's data flags)
     "Train and evaluate a person re-ID recipe; write results.json, curves.png, checkpoints and export.pkl to --out"
-    if threads: torch.set_num_threads(threads)
     user = dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs, eval_every=eval_every, lr=lr,
                 pretrained=pretrained, dl_kwargs=dl_kwargs)
     r = get_recipe(recipe)
@@ -385,10 +433,12 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
     pretrained = cfg['pretrained']
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    # on a shared CPU, more threads than free cores make every one of them wait: count what is free now
+    if threads or dev.type == 'cpu': torch.set_num_threads(threads or reid_data.available_cpus())
     set_seed(seed, reproducible=True)
     df = reid_data.reid_df(data) if not str(data).endswith('.csv') else reid_data.csv_df(data)
     dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed,
-                                     device=dev, **{**r.data, **cfg['dl_kwargs']})
+                                     device=dev, pipeline=pipeline, **{**r.data, **cfg['dl_kwargs']})
     if pretrained == 'lite0':
         from reid_fastai.models import efficientnet_lite0_weights
         pre = str(efficientnet_lite0_weights())
@@ -396,7 +446,8 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
     mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
     learn = reid_learner(dls, cfg['arch'], r, pretrained=pre or False, lr=cfg['lr'], mixed_precision=mp,
                          eval_every=cfg['eval_every'], rerank=rerank, compile=compile, path=out,
-                         cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'), TrainTimer()])
+                         cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'), TrainTimer()]
+                             + ([TimeBudget(max_minutes)] if max_minutes else []))
     start = 0
     if resume:
         if latest_checkpoint(out/'checkpoints') is None: print(f"reid_train: --resume but no checkpoint in {out/'checkpoints'}: starting afresh")
@@ -404,7 +455,8 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
             start = resume_from(learn, out/'checkpoints')
             print(f"reid_train: resuming from {latest_checkpoint(out/'checkpoints').name}, epoch {start}")
     config = dict(data=str(data), recipe=r.name, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.items()},
-                  out=str(out), seed=seed, workers=workers, mixed_precision=mixed_precision,
+                  out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
+                  max_minutes=max_minutes, mixed_precision=mixed_precision,
                   compile=compile, checkpoint_every=checkpoint_every, rerank=rerank, device=str(dev))
     t0 = time.perf_counter()
     ctx = learn.no_bar() if quiet else learn.added_cbs([])
@@ -416,7 +468,7 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
     res = dict(**{k_: final.get(k_) for k_ in ('R1', 'R5', 'R10', 'mAP', 'mINP')},
                epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
                train_seconds=round(t_sec, 1), images_per_s=round(n_img / max(t_sec, 1e-9), 1),
-               device=device_name(dev), git_commit=_git_commit(), nan_stop=nan,
+               device=device_name(dev), git_commit=_git_commit(), nan_stop=nan, time_stop=getattr(learn, 'time_stop', None),
                history=hist, config=config, recipe=r.to_dict())
     if nan:
         ck = latest_checkpoint(out/'checkpoints')

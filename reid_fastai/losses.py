@@ -118,8 +118,8 @@ def batch_hard_mine(dist:torch.Tensor, pid:torch.Tensor, camid=None, camera_bias
 
 # %% ../nbs/02_losses.ipynb #2bb280af
 def _masked_mean(losses, valid):
-    "Mean of `losses[valid]`; a zero that keeps the graph when no anchor is valid."
-    return losses[valid].mean() if valid.any() else losses.sum() * 0.
+    "Mean of `losses[valid]`, a zero that keeps the graph when no anchor is valid; no host sync (no `valid.any()`)."
+    return torch.where(valid, losses, 0.).sum() / valid.sum().clamp(min=1)
 
 class TripletLoss(LossTerm):
     "Batch-hard triplet loss on `feat`: hinge with `margin`, or softplus when `soft`; optional camera-aware mining."
@@ -220,10 +220,13 @@ class ContrastiveLoss(LossTerm):
     def forward(self, x, pid, camid=None, **kw):
         dist = get_metric(self.metric)(x, x)
         is_pos, is_neg = pair_masks(pid)
-        pos, neg = dist[is_pos], F.relu(self.alpha - dist[is_neg])
+        pos, neg = dist, F.relu(self.alpha - dist)
         if self.squared: pos, neg = pos.pow(2), neg.pow(2)
-        if not self.balanced: return torch.cat([pos, neg]).mean() if (is_pos | is_neg).any() else dist.sum() * 0.
-        return sum(v.mean() for v in (pos, neg) if v.numel()) + dist.sum() * 0.
+        # masked sums and counts instead of `dist[is_pos]`: boolean indexing would make the host wait for the GPU
+        s_pos, s_neg = torch.where(is_pos, pos, 0.).sum(), torch.where(is_neg, neg, 0.).sum()
+        n_pos, n_neg = is_pos.sum(), is_neg.sum()
+        if not self.balanced: return (s_pos + s_neg) / (n_pos + n_neg).clamp(min=1)
+        return s_pos / n_pos.clamp(min=1) + s_neg / n_neg.clamp(min=1)
 
     def extra_repr(self):
         return f"alpha={self.alpha}, squared={self.squared}, balanced={self.balanced}, metric={self.metric!r}, input={self.input!r}"
@@ -278,20 +281,20 @@ class CircleLoss(LossTerm):
     def extra_repr(self): return f"m={self.m}, gamma={self.gamma}, per_anchor={self.per_anchor}, input={self.input!r}"
 
 class ClassCircleLoss(LossTerm):
-    "Class-wise circle loss on cosine-classifier `logits` in [-1, 1]: a margin softmax with self-paced weights."
+    "Class-wise circle loss on cosine-classifier `logits` in [-1, 1]: a margin softmax with self-paced weights, label smoothing `eps`."
     input = 'logits'
-    def __init__(self, m:float=0.25, gamma:float=128.):
+    def __init__(self, m:float=0.25, gamma:float=128., eps:float=0.):
         super().__init__()
-        self.m, self.gamma = m, gamma
+        self.m, self.gamma, self.eps = m, gamma, eps
 
     @float32_loss
     def forward(self, x, pid, camid=None, **kw):
         z_p, z_n = _circle_logits(x, x, self.m, self.gamma)
-        target = F.one_hot(pid, x.shape[1]).bool()
-        # log(1 + sum_j e^{z_n^j} e^{z_p}) = CE with target logit -z_p = gamma a_p (s_p - D_p)
-        return F.cross_entropy(torch.where(target, -z_p, z_n), pid)
+        target = torch.zeros_like(x, dtype=torch.bool).scatter_(1, pid[:, None], True)   # one-hot without a host sync
+        # log(1 + sum_j e^{z_n^j} e^{z_p}) = CE with target logit -z_p = gamma a_p (s_p - D_p); eps smooths the target as in the ID loss
+        return F.cross_entropy(torch.where(target, -z_p, z_n), pid, label_smoothing=self.eps)
 
-    def extra_repr(self): return f"m={self.m}, gamma={self.gamma}, input={self.input!r}"
+    def extra_repr(self): return f"m={self.m}, gamma={self.gamma}, eps={self.eps}, input={self.input!r}"
 
 # %% ../nbs/02_losses.ipynb #bc2b65c7
 class VerificationLoss(LossTerm):
@@ -310,8 +313,10 @@ class VerificationLoss(LossTerm):
         logits = F.linear((x[i] - x[j]).pow(2), w.to(x.dtype), b.to(x.dtype))
         if not self.balanced: return F.cross_entropy(logits, same)
         losses = F.cross_entropy(logits, same, reduction='none')
-        per_class = [losses[same == c].mean() for c in (0, 1) if (same == c).any()]
-        return sum(per_class) / len(per_class)
+        is_c = torch.stack([same == 0, same == 1])                       # [2, pairs]: masks instead of indexing (no host sync)
+        n_c = is_c.sum(1)
+        per_class = torch.where(is_c, losses, 0.).sum(1) / n_c.clamp(min=1)
+        return (per_class * (n_c > 0)).sum() / (n_c > 0).sum().clamp(min=1)
 
     def extra_repr(self): return f"feat_dim={self.feat_dim}, balanced={self.balanced}, input={self.input!r}"
 
@@ -332,7 +337,7 @@ class AttributeLoss(LossTerm):
 
 # %% ../nbs/02_losses.ipynb #318078c3
 class ReIDLoss(nn.Module):
-    "Weighted sum of named loss terms, each reading `out[term.input]`, plus `out['reg']`; `.last` holds the values."
+    "Weighted sum of named loss terms, each reading `out[term.input]`, plus `out['reg']`; `.last`/`.last_tensors` hold the values."
     def __init__(self, **terms):
         super().__init__()
         if not terms: raise ValueError("ReIDLoss needs at least one term, e.g. ReIDLoss(id=CrossEntropyLabelSmooth())")
@@ -369,9 +374,15 @@ class ReIDLoss(nn.Module):
         return total
 
     @property
+    def last_tensors(self) -> dict:
+        "The values of the last call as detached 0-d tensors on the device: reading them costs no host sync."
+        return dict(self._last)
+
+    @property
     def last(self) -> dict:
-        "The values of the last call: `{term: float (unweighted), 'reg': float, 'total': float}`."
-        return {k: float(v) for k, v in self._last.items()}
+        "The values of the last call as floats, `{term: value (unweighted), 'reg': value, 'total': value}` (one host sync)."
+        if not self._last: return {}
+        return dict(zip(self._last, torch.stack([v.float().reshape(()) for v in self._last.values()]).tolist()))
 
     def terms_of(self, cls) -> list:
         "The terms that are instances of `cls`."

@@ -101,8 +101,9 @@ def test_interrupted_and_resumed_run_ends_like_uninterrupted(tiny_data, tmp_path
     a, b = _weights(tmp_path/'full', 4), _weights(tmp_path/'cut', 4)
     for k in a['model']: assert torch.equal(a['model'][k], b['model'][k]), k
     for k in a['loss']: assert torch.equal(a['loss'][k], b['loss'][k]), k          # the centres
-    sa, sb = a['opt']['state'], b['opt']['state']
-    assert all(torch.equal(x['avg'], y['avg']) for x, y in zip(sa, sb) if 'avg' in x)  # Adam's moments
+    sa, sb = a['opt']['state'], b['opt']['state']   # PyTorch's Adam: {param index: {'step', 'exp_avg', 'exp_avg_sq'}}
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    assert all(torch.equal(sa[i]['exp_avg'], sb[i]['exp_avg']) and torch.equal(sa[i]['exp_avg_sq'], sb[i]['exp_avg_sq']) for i in sa)
     assert a['train_iter'] == b['train_iter']
 
 
