@@ -273,7 +273,11 @@ class ReIDEvalCallback(SkipValidation):
     def before_validate(self):
         self._res = None
         if self._in_fit and self._due():
-            self._res = {k: float(v) for k, v in self.evaluate().items()}
+            try: self._res = {k: float(v) for k, v in self.evaluate().items()}
+            except ValueError as e:   # non-finite features or distances: say so, and log NaN rather than a score
+                if 'non-finite' not in str(e): raise
+                warnings.warn(f"ReIDEvalCallback: no evaluation at epoch {self.epoch}: {e}", RuntimeWarning)
+                self._res = {**{k: float('nan') for k in self.metrics}, 'error': str(e)}
             self.history.append({'epoch': self.epoch, **self._res})
         super().before_validate()
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['extract_features', 'euclidean_distmat', 'cosine_distmat', 'compute_distmat', 'evaluate_rank', 're_ranking',
-           'query_expansion', 'evaluate_reid', 'plot_cmc', 'ranked_gallery', 'show_retrieval', 'plot_distance_hist']
+__all__ = ['AP_MODES', 'extract_features', 'euclidean_distmat', 'cosine_distmat', 'compute_distmat', 'check_finite',
+           'evaluate_rank', 're_ranking', 'query_expansion', 'evaluate_reid', 'plot_cmc', 'ranked_gallery',
+           'show_retrieval', 'plot_distance_hist']
 
 # %% ../nbs/04_evaluation.ipynb #5a58c14e
 def _model_device(model):
@@ -135,9 +136,24 @@ def _positive_ranks(d, same, pos, block=2**16):
     neg_before = hist.cumsum(1)[:, :max_m]                   # negatives before the i-th positive
     return torch.arange(max_m, device=dev) + neg_before, m
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk_size=None):
+AP_MODES = ('match', 'devkit')
+
+def check_finite(x, what:str='distances', rows:str='queries', cols:str='gallery images'):
+    "Raise a clear error if `x` (a distance matrix, or features when `cols` is None) holds NaN or inf"
+    bad = ~torch.isfinite(torch.as_tensor(x))
+    if not bad.any(): return
+    where = (f"{int(bad.any(1).sum())} of {bad.shape[0]} {rows} and {int(bad.any(0).sum())} of {bad.shape[1]} {cols}" if cols
+             else f"{int(bad.flatten(1).any(1).sum())} of {bad.shape[0]} {rows}")
+    raise ValueError(f"{int(bad.sum()):,} non-finite {what} (NaN or inf), for {where}: no metric is computed from them (a NaN "
+                     f"would sort as a perfect match). They come from non-finite features: a diverged model (see `NaNStop`, "
+                     f"lower the learning rate) or an fp16 overflow in the forward pass (evaluate in bf16 or fp32).")
+
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk_size=None,
+                  ap_mode:str='match'): # 'match': precision at each match (torchreid, fast-reid); 'devkit': Market-1501's official code
     "CMC, mAP and mINP of a query x gallery `distmat` under the Market-1501 protocol (see above)"
+    if ap_mode not in AP_MODES: raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
     distmat = torch.as_tensor(distmat)
+    check_finite(distmat)
     dev = distmat.device
     q_pids, g_pids, q_camids, g_camids = (_long(t, dev) for t in (q_pids, g_pids, q_camids, g_camids))
     n_q, n_g = distmat.shape
@@ -161,7 +177,10 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chun
             n_pos[s:e] = m
             i = torch.arange(ranks.shape[1], device=dev)
             has = m > 0
-            ap[s:e] = torch.where(has, ((i + 1) / (ranks + 1.) * (i < m[:, None])).sum(1) / m.clamp(min=1), ap[s:e])
+            prec = (i + 1) / (ranks + 1.)                                      # precision at each match
+            if ap_mode == 'devkit':   # the trapezoid of the precision just before and at each match (before the first: 1)
+                prec = (prec + torch.where(ranks > 0, i / ranks.clamp(min=1).double(), 1.)) / 2
+            ap[s:e] = torch.where(has, (prec * (i < m[:, None])).sum(1) / m.clamp(min=1), ap[s:e])
             inp[s:e] = torch.where(has, m / (ranks.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0] + 1.), inp[s:e])
             first[s:e] = torch.where(has, ranks[:, 0], first[s:e])
     ok = n_pos > 0
@@ -331,7 +350,7 @@ def query_expansion(qf, gf, k=5, alpha=0., chunk_size=1024):
 
 # %% ../nbs/04_evaluation.ipynb #323c5723
 def evaluate_reid(model, dls, flip=True, normalize=True, metric='euclidean', rerank=False, k1=20, k2=6,
-                  lambda_value=0.3, qe_k=0, qe_alpha=0., max_rank=50, dl=None, return_details=False):
+                  lambda_value=0.3, qe_k=0, qe_alpha=0., max_rank=50, dl=None, return_details=False, ap_mode='match'):
     "Market-protocol R1/R5/R10/R20, mAP, mINP (fractions) and n_skipped of `model` on `dls.valid` (queries first)"
     dl = dls.valid if dl is None else dl
     n_query = dls.n_query
@@ -341,9 +360,10 @@ def evaluate_reid(model, dls, flip=True, normalize=True, metric='euclidean', rer
     if n_items and len(feats) != n_items:
         raise ValueError(f'the loader gave {len(feats)} items but query_df + gallery_df have {n_items} (dropped last batch?)')
     qf, gf = feats[:n_query], feats[n_query:]
+    check_finite(qf, 'query features', 'queries', None); check_finite(gf, 'gallery features', 'gallery images', None)
     if qe_k: qf = query_expansion(qf, gf, k=qe_k, alpha=qe_alpha)
     distmat = re_ranking(qf, gf, k1, k2, lambda_value, metric=metric) if rerank else compute_distmat(qf, gf, metric)
-    res = evaluate_rank(distmat, pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:], max_rank=max_rank)
+    res = evaluate_rank(distmat, pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:], max_rank=max_rank, ap_mode=ap_mode)
     out = {k: res[k] for k in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'n_skipped')}
     if return_details: out.update({k: v for k, v in res.items() if k not in out}, distmat=distmat)
     return out

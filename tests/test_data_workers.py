@@ -64,3 +64,25 @@ def test_broken_image_named_from_worker(demo_df, tmp_path):
     dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, device="cpu", size=SIZE)
     with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):
         for _ in dls.valid: pass
+
+
+def test_two_processes_build_the_same_cache(demo_df, tmp_path):
+    "Two processes decoding the same table into the same cache folder at once: both get the right images, one whole file remains"
+    import subprocess, sys, textwrap
+    paths = tmp_path/'paths.txt'
+    paths.write_text('\n'.join(demo_df.path))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from reid_fastai.loaders import decode_images
+        imgs = decode_images(open({str(paths)!r}).read().split('\\n'), cache_dir={str(tmp_path/'cache')!r}, workers=1, verbose=False)
+        torch.save(imgs, sys.argv[1])
+    """)
+    procs = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path/f'out{i}.pt')]) for i in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    from reid_fastai.loaders import decode_images
+    a, b = (torch.load(tmp_path/f'out{i}.pt') for i in range(2))
+    assert torch.equal(a, b) and a.shape == (len(demo_df), 3, 128, 64)
+    files = sorted(p.name for p in (tmp_path/'cache').iterdir())
+    assert len(files) == 1 and files[0].startswith('decoded-') and files[0].endswith('.bin'), files   # no half-written leftovers
+    assert torch.equal(decode_images(demo_df.path, cache_dir=tmp_path/'cache', verbose=False), a)
