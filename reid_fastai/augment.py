@@ -6,6 +6,8 @@
 from __future__ import annotations
 import math, random
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from PIL import Image
 from fastcore.basics import store_attr
 from fasttransform import Transform, Pipeline
@@ -14,7 +16,11 @@ from fastai.vision.core import PILImage, TensorImage, imagenet_stats, ToTensor
 from fastai.vision.augment import RandTransform, FlipItem
 
 # %% auto #0
-__all__ = ['ResizeItem', 'PadRandomCrop', 'AutoAugmentItem', 'ReIDRandomErasing', 'reid_item_tfms', 'reid_batch_tfms']
+__all__ = ['AA_OPS', 'ResizeItem', 'PadRandomCrop', 'AutoAugmentItem', 'BatchResize', 'batch_blend', 'batch_grayscale',
+           'batch_brightness', 'batch_color', 'batch_contrast', 'batch_sharpness', 'batch_posterize', 'batch_solarize',
+           'batch_invert', 'batch_autocontrast', 'batch_equalize', 'batch_affine', 'batch_rotate', 'batch_shear_x',
+           'batch_shear_y', 'batch_translate_x', 'batch_translate_y', 'BatchAutoAugment', 'BatchFlip', 'BatchPadCrop',
+           'ReIDRandomErasing', 'reid_item_tfms', 'reid_batch_tfms', 'reid_device_tfms']
 
 # %% ../nbs/00a_augment.ipynb #484d63d8
 class ResizeItem(Transform):
@@ -40,14 +46,256 @@ class PadRandomCrop(RandTransform):
         return PILImage(x.crop((self.dx, self.dy, self.dx + w, self.dy + h)))
 
 class AutoAugmentItem(RandTransform):
-    "torchvision's `AutoAugment` (ImageNet policy by default) on a `PILImage`, training only"
+    "torchvision's `AutoAugment` (ImageNet policy by default) on a `PILImage` with probability `p`, training only"
     split_idx, order = 0, 2
-    def __init__(self, policy:str='imagenet'):
+    def __init__(self, policy:str='imagenet', p:float=1.0):
         import torchvision.transforms as T
-        super().__init__()
+        super().__init__(p=p)
         self.policy = policy
         self.aa = T.AutoAugment(T.AutoAugmentPolicy(policy))
     def encodes(self, x:PILImage): return PILImage(self.aa(x))
+
+# %% ../nbs/00a_augment.ipynb #0ce1e263
+def _to(t:Tensor, device) -> Tensor:
+    "Move a small CPU tensor (indices, parameters) to `device`; to CUDA through pinned memory, `non_blocking`"
+    device = torch.device(device)
+    if t.device == device: return t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else t.to(device)
+
+def _per_image(v, x:Tensor, dtype=torch.float32) -> Tensor:
+    "Per-image values `v` (a 1-d CPU tensor, list or number) as a `[n, 1, 1, 1]` tensor of `dtype` on `x`'s device"
+    return _to(torch.as_tensor(v).to(dtype), x.device).view(-1, 1, 1, 1)
+
+# %% ../nbs/00a_augment.ipynb #d43e65de
+class BatchResize(Transform):
+    "Resize a uint8 `TensorImage` batch to `size` = (height, width): bilinear with antialias, as torchvision's v2 `resize`"
+    order = 1
+    def __init__(self, size=(256, 128)):
+        super().__init__()
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+    def encodes(self, x:TensorImage):
+        from torchvision.transforms.v2.functional import resize
+        if tuple(x.shape[-2:]) == self.size: return x
+        return TensorImage(resize(x.as_subclass(Tensor), list(self.size), antialias=True))
+    def decodes(self, x:TensorImage): return x
+
+# %% ../nbs/00a_augment.ipynb #caeedf85
+def batch_blend(x:Tensor, y:Tensor|None, ratio) -> Tensor:
+    "torchvision's `_blend` per image: `ratio*x + (1-ratio)*y` in float32, clamped and truncated to uint8 (`y=None`: 0)"
+    ratio = torch.as_tensor(ratio, dtype=torch.float64)    # `1 - ratio` in float64, as torchvision forms it in Python
+    out = _per_image(ratio, x) * x
+    if y is not None: out.add_(_per_image(1.0 - ratio, x) * y)  # with y = 0, torchvision adds only a signed zero
+    return out.clamp_(0, 255).to(torch.uint8)
+
+def batch_grayscale(x:Tensor) -> Tensor:
+    "`rgb_to_grayscale` of a uint8 batch, `[n, 3, H, W]` -> `[n, 1, H, W]`, truncated as torchvision does for uint8"
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).to(torch.uint8)[:, None]
+
+def batch_brightness(x:Tensor, factor) -> Tensor:
+    "`adjust_brightness` with a `factor` per image"
+    return batch_blend(x, None, factor)
+
+def batch_color(x:Tensor, factor) -> Tensor:
+    "`adjust_saturation` (AutoAugment's Color) with a `factor` per image"
+    return batch_blend(x, batch_grayscale(x), factor)
+
+def batch_contrast(x:Tensor, factor) -> Tensor:
+    "`adjust_contrast` with a `factor` per image: a blend with the image's mean grey level"
+    return batch_blend(x, batch_grayscale(x).float().mean((1, 2, 3), keepdim=True), factor)
+
+def batch_sharpness(x:Tensor, factor) -> Tensor:
+    "`adjust_sharpness` with a `factor` per image: a blend with the smoothed image, whose border pixels are kept"
+    if x.shape[-1] <= 2 or x.shape[-2] <= 2: return x
+    v = x.to(torch.int16)
+    rows = v[:, :, :-2] + v[:, :, 1:-1] + v[:, :, 2:]
+    s = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * v[:, :, 1:-1, 1:-1]   # 13 x the smoothed value
+    blur = x.clone()
+    blur[..., 1:-1, 1:-1] = torch.div(2 * s + 13, 26, rounding_mode='floor')         # round(s / 13), never a tie
+    return batch_blend(x, blur, factor)
+
+# %% ../nbs/00a_augment.ipynb #48dc5163
+def batch_posterize(x:Tensor, bits) -> Tensor:
+    "`posterize` per image: keep the `bits` high bits of each uint8 value"
+    bits = torch.as_tensor(bits).long()
+    return x & _per_image((256 - 2 ** (8 - bits)) & 255, x, torch.uint8)
+
+def batch_solarize(x:Tensor, threshold) -> Tensor:
+    "`solarize` per image: invert the values `>= threshold`"
+    t = _per_image(torch.as_tensor(threshold).float().ceil(), x, torch.uint8)
+    return x ^ (x >= t).view(torch.uint8).neg()             # `255 - x` is `x ^ 255`; -1 is 255 in uint8
+
+def batch_invert(x:Tensor) -> Tensor:
+    "`invert`: `255 - x`"
+    return 255 - x
+
+def batch_autocontrast(x:Tensor) -> Tensor:
+    "`autocontrast` per image and channel: stretch [min, max] to [0, 255]; a flat channel is left as it is"
+    lo, hi = x.amin((-2, -1), keepdim=True).float(), x.amax((-2, -1), keepdim=True).float()
+    scale = 255 / (hi - lo)
+    flat = ~torch.isfinite(scale)
+    return ((x - lo.masked_fill(flat, 0)) * scale.masked_fill(flat, 1)).clamp_(0, 255).to(torch.uint8)
+
+def batch_equalize(x:Tensor) -> Tensor:
+    "`equalize` per image and channel (torchvision's histogram, step and look-up table)"
+    n, c, h, w = x.shape
+    offs = torch.arange(0, n * c * 256, 256, dtype=torch.int32, device=x.device)[:, None]
+    idx = x.reshape(n * c, h * w).int().add_(offs).view(-1)            # value + 256 * (image, channel)
+    if x.is_cuda:                                                      # CUDA's bincount reads its max back to the host
+        ones = torch.ones(1, dtype=torch.int32, device=x.device).expand(idx.numel())
+        hist = torch.zeros(n * c * 256, dtype=torch.int32, device=x.device).index_add_(0, idx, ones)
+    else: hist = torch.bincount(idx, minlength=n * c * 256)
+    hist = hist.view(n * c, 256).long()
+    top = hist.gather(1, x.reshape(n * c, h * w).amax(1, keepdim=True).long())   # pixels in the last non-empty bin
+    step = torch.div(h * w - top, 255, rounding_mode='floor')
+    lut = torch.div(hist.cumsum(1) + torch.div(step, 2, rounding_mode='floor'), step.clamp(min=1), rounding_mode='floor')
+    lut = F.pad(lut, [1, 0])[:, :-1].clamp(0, 255)
+    lut = torch.where(step == 0, torch.arange(256, device=x.device), lut).to(torch.uint8)
+    return lut.view(-1).index_select(0, idx).view(n, c, h, w)
+
+# %% ../nbs/00a_augment.ipynb #fccdf380
+def _inverse_affine(angle, translate, shear, center) -> Tensor:
+    "`_get_inverse_affine_matrix` (scale 1) for `n` images at once, in float64: `[n, 6]`"
+    rot, sx, sy = angle * (math.pi / 180), shear[0] * (math.pi / 180), shear[1] * (math.pi / 180)
+    (cx, cy), (tx, ty) = center, translate
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    return torch.stack([m0, m1, m0 * (-cx - tx) + m1 * (-cy - ty) + cx, m3, m4, m3 * (-cx - tx) + m4 * (-cy - ty) + cy], 1)
+
+def batch_affine(x:Tensor, angle=0., translate=(0., 0.), shear=(0., 0.), center=None) -> Tensor:
+    "`F.affine` per image on a uint8 batch: `angle` and `shear` in degrees, `translate` and `center` (default: the image centre) in pixels; nearest, fill 0"
+    n, c, h, w = x.shape
+    f = lambda v: torch.as_tensor(v, dtype=torch.float64).cpu().expand(n)
+    center = (f(0.), f(0.)) if center is None else (f(center[0]) - w * 0.5, f(center[1]) - h * 0.5)
+    theta = _inverse_affine(f(angle), [f(t) for t in translate], [f(s) for s in shear], center).float().view(n, 2, 3)
+    theta = _to(theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h]), x.device)[:, :, :, None]   # [n, 3, 2, 1]
+    gx = torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=x.device)
+    gy = torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=x.device)
+    if x.is_cuda:  # `_gen_affine_grid` as it is: the base grid times theta with (cuBLAS) bmm
+        base = torch.stack([gx.repeat(h), gy.repeat_interleave(w), torch.ones(h * w, device=x.device)], 1)
+        grid = base.expand(n, h * w, 3).bmm(theta[..., 0]).view(n, h, w, 2)
+    else:          # the same sums in bmm's order, (x*t0 + y*t1) + t2, planar so that they vectorise
+        grid = (gx.repeat(h) * theta[:, 0] + gy.repeat_interleave(w) * theta[:, 1] + theta[:, 2]).transpose(1, 2).view(n, h, w, 2)
+    v = x.to(torch.int32)
+    v = ((v[:, 0] << 16) | (v[:, 1] << 8) | v[:, 2]).float()[:, None]
+    q = F.grid_sample(v, grid, mode='nearest', padding_mode='zeros', align_corners=False)[:, 0].to(torch.int32)
+    out = torch.empty_like(x)
+    for i, sh in enumerate((16, 8, 0)): out[:, i] = q >> sh   # the cast to uint8 keeps the low byte
+    return out
+
+def batch_rotate(x:Tensor, angle) -> Tensor:
+    "`F.rotate` per image: `angle` degrees anticlockwise about the centre, nearest, fill 0"
+    return batch_affine(x, angle=-torch.as_tensor(angle, dtype=torch.float64))
+
+def _shear_deg(m): return torch.atan(torch.as_tensor(m, dtype=torch.float64)) * (180 / math.pi)
+def batch_shear_x(x:Tensor, m) -> Tensor:
+    "AutoAugment's ShearX per image: `F.affine` with shear `degrees(atan(m))` along x, about the top-left corner"
+    return batch_affine(x, shear=(_shear_deg(m), 0.), center=(0., 0.))
+def batch_shear_y(x:Tensor, m) -> Tensor:
+    "AutoAugment's ShearY per image: `F.affine` with shear `degrees(atan(m))` along y, about the top-left corner"
+    return batch_affine(x, shear=(0., _shear_deg(m)), center=(0., 0.))
+def batch_translate_x(x:Tensor, pixels) -> Tensor:
+    "`F.affine` translation by `pixels` along x per image"
+    return batch_affine(x, translate=(pixels, 0.))
+def batch_translate_y(x:Tensor, pixels) -> Tensor:
+    "`F.affine` translation by `pixels` along y per image"
+    return batch_affine(x, translate=(0., pixels))
+
+AA_OPS = dict(  # AutoAugment op -> batched function of (uint8 batch, per-image magnitudes as `_apply_op` takes them)
+    ShearX=batch_shear_x, ShearY=batch_shear_y, Rotate=batch_rotate,
+    TranslateX=lambda x, m: batch_translate_x(x, m.trunc()), TranslateY=lambda x, m: batch_translate_y(x, m.trunc()),
+    Brightness=lambda x, m: batch_brightness(x, 1 + m), Color=lambda x, m: batch_color(x, 1 + m),
+    Contrast=lambda x, m: batch_contrast(x, 1 + m), Sharpness=lambda x, m: batch_sharpness(x, 1 + m),
+    Posterize=lambda x, m: batch_posterize(x, m.long()), Solarize=batch_solarize,
+    AutoContrast=lambda x, m: batch_autocontrast(x), Equalize=lambda x, m: batch_equalize(x),
+    Invert=lambda x, m: batch_invert(x))
+
+# %% ../nbs/00a_augment.ipynb #93ebae2e
+_AA_NAMES = list(AA_OPS)
+
+class BatchAutoAugment(Transform):
+    "torchvision's `AutoAugment` on a uint8 `TensorImage` batch, each image with probability `p` and its own draw (training only)"
+    split_idx, order = 0, 2
+    def __init__(self, policy:str='imagenet', p:float=1.0):
+        import torchvision.transforms as T
+        super().__init__()
+        self.policy, self.p = policy, p
+        self.aa = T.AutoAugment(T.AutoAugmentPolicy(policy))
+        self.op_ids = torch.tensor([[_AA_NAMES.index(o) for o, _, _ in sp] for sp in self.aa.policies])
+        self.probs = torch.tensor([[pr for _, pr, _ in sp] for sp in self.aa.policies])   # float32, as torchvision's `probs`
+        self._spaces = {}
+
+    def space(self, size):
+        "For each sub-policy and slot, the magnitude (float64, unsigned) and whether it is signed, for images of `size`"
+        size = tuple(int(s) for s in size)
+        if size not in self._spaces:
+            meta, pol = self.aa._augmentation_space(10, size), self.aa.policies
+            mag = [[float(meta[o][0][i].item()) if i is not None else 0. for o, _, i in sp] for sp in pol]
+            self._spaces[size] = torch.tensor(mag, dtype=torch.float64), torch.tensor([[meta[o][1] for o, _, _ in sp] for sp in pol])
+        return self._spaces[size]
+
+    def draw(self, n:int, size) -> dict:
+        "Per-image draws on the CPU: `on` [n], `policy` [n], `ops` [n, 2] (index into `AA_OPS`, -1: not applied), `magnitudes` [n, 2]"
+        mag, signed = self.space(size)
+        on = torch.rand(n) < self.p
+        pid = torch.randint(len(self.aa.policies), (n,))
+        u, signs = torch.rand(n, 2), torch.randint(2, (n, 2))
+        ops = torch.where((u <= self.probs[pid]) & on[:, None], self.op_ids[pid], -1)
+        return dict(on=on, policy=pid, ops=ops, magnitudes=torch.where(signed[pid] & (signs == 0), -mag[pid], mag[pid]))
+
+    def apply(self, x:Tensor, params:dict) -> Tensor:
+        "Apply drawn (or given) `params` to the uint8 batch `x`: slot by slot, each op once on the images that drew it"
+        x, ops, mags = x.as_subclass(Tensor), params['ops'], params['magnitudes']
+        if (ops >= 0).any(): x = x.clone()
+        for slot in range(ops.shape[1]):
+            for k in ops[:, slot].unique().tolist():
+                if k < 0: continue
+                idx = (ops[:, slot] == k).nonzero().view(-1)                    # on the CPU
+                i = _to(idx, x.device)
+                x.index_copy_(0, i, AA_OPS[_AA_NAMES[k]](x.index_select(0, i), mags[idx, slot]))
+        return x
+
+    def encodes(self, x:TensorImage):
+        if x.dtype != torch.uint8: raise TypeError(f"BatchAutoAugment needs a uint8 batch, got {x.dtype}")
+        return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:])))
+
+# %% ../nbs/00a_augment.ipynb #12b4f318
+class BatchFlip(Transform):
+    "Horizontal flip of each image of a `TensorImage` batch with probability `p` (training only)"
+    split_idx, order = 0, 3
+    def __init__(self, p:float=0.5): super().__init__(); self.p = p
+    def draw(self, n:int) -> Tensor:
+        "Which of `n` images to flip (bool, CPU)"
+        return torch.rand(n) < self.p
+    def apply(self, x:Tensor, flip:Tensor) -> Tensor:
+        "Flip the images where `flip` is true"
+        x, idx = x.as_subclass(Tensor), flip.nonzero().view(-1)
+        if not len(idx): return x
+        i = _to(idx, x.device)
+        return x.index_copy(0, i, x.index_select(0, i).flip(-1))
+    def encodes(self, x:TensorImage): return TensorImage(self.apply(x, self.draw(x.shape[0])))
+
+class BatchPadCrop(Transform):
+    "Zero-pad each image of a `TensorImage` batch by `pad`, then crop back to its size at its own random offset (training only)"
+    split_idx, order = 0, 4
+    def __init__(self, pad:int=10): super().__init__(); self.pad = pad
+    def draw(self, n:int) -> Tensor:
+        "Top-left corners (row, column) in the padded images, uniform in `[0, 2*pad]`: `[n, 2]`"
+        return torch.randint(0, 2 * self.pad + 1, (n, 2))
+    def apply(self, x:Tensor, offsets:Tensor) -> Tensor:
+        "Crop each padded image at its `offsets`"
+        x, p = x.as_subclass(Tensor), self.pad
+        if p == 0: return x
+        n, c, h, w = x.shape
+        xp = F.pad(x, (p, p, p, p))
+        s = xp.stride()     # all windows: [n, row offset, column offset, c, h, w]
+        win = xp.as_strided((n, 2 * p + 1, 2 * p + 1, c, h, w), (s[0], s[2], s[3], s[1], s[2], s[3]))
+        o = _to(offsets, x.device)
+        return win[torch.arange(n, device=x.device), o[:, 0], o[:, 1]]
+    def encodes(self, x:TensorImage): return TensorImage(self.apply(x, self.draw(x.shape[0])))
 
 # %% ../nbs/00a_augment.ipynb #65dae253
 class ReIDRandomErasing(Transform):
@@ -56,26 +304,47 @@ class ReIDRandomErasing(Transform):
     def __init__(self, p:float=0.5, sl:float=0.02, sh:float=0.4, min_aspect:float=0.3, fill:str='random'):
         if fill not in ('random', 'mean'): raise ValueError(f"fill must be 'random' or 'mean', got {fill!r}")
         super().__init__(); store_attr()
+
+    def draw(self, n:int, size, attempts:int=10) -> dict:
+        "Per image (CPU): `erase` [n] and the rectangle `i`, `j` (top-left), `h`, `w` (0 where not erased)"
+        H, W = (int(s) for s in size)
+        lo, hi = sorted((math.log(self.min_aspect), -math.log(self.min_aspect)))
+        area = torch.empty(n, attempts).uniform_(self.sl, self.sh).double() * (H * W)
+        ar = torch.empty(n, attempts).uniform_(lo, hi).exp().double()
+        h, w = (area * ar).sqrt().round().long(), (area / ar).sqrt().round().long()
+        fits = (h < H) & (w < W)
+        first = fits.int().argmax(1, keepdim=True)                       # the first attempt that fits
+        erase = fits.any(1) & (torch.rand(n) < self.p)
+        h, w = h.gather(1, first)[:, 0] * erase, w.gather(1, first)[:, 0] * erase
+        u = torch.rand(n, 2, dtype=torch.float64)
+        i, j = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
+        return dict(erase=erase, i=i * erase, j=j * erase, h=h, w=w)
+
+    def apply(self, x:Tensor, params:dict, v=None) -> Tensor:
+        "Erase the rectangles of `params` with `v`: a number, or the values image by image, each `[C, h, w]` flattened (default: by `fill`)"
+        x = x.as_subclass(Tensor)
+        if not params['erase'].any(): return x
+        n, c, H, W = x.shape
+        i, j, h, w = _to(torch.stack([params[k] for k in 'ijhw']), x.device)[..., None]   # h = w = 0: not erased
+        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        mask = (((ys >= i) & (ys < i + h))[:, :, None] & ((xs >= j) & (xs < j + w))[:, None, :])[:, None]
+        if v is None and self.fill == 'mean': v = 0.
+        if v is None:
+            if x.is_cuda: return torch.where(mask, torch.randn_like(x), x)   # cheap there, and no host-side sizes
+            v = torch.randn(c * int((params['h'] * params['w']).sum()), dtype=x.dtype)   # just the erased pixels
+        if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill(mask, v)
+        return x.masked_scatter(mask, _to(v.to(x.dtype), x.device))
+
     def encodes(self, x:TensorImage):
         if self.p <= 0: return x
-        b, c, h, w = x.shape
-        u = lambda lo, hi: torch.empty(b, device=x.device).uniform_(lo, hi)
-        area, aspect = u(self.sl, self.sh)*h*w, u(math.log(self.min_aspect), -math.log(self.min_aspect)).exp()
-        eh, ew = (area*aspect).sqrt().round().clamp(1, h), (area/aspect).sqrt().round().clamp(1, w)
-        y0, x0 = (u(0, 1)*(h - eh + 1)).floor(), (u(0, 1)*(w - ew + 1)).floor()
-        ys, xs = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
-        my = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])
-        mx = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])
-        mask = (my[:, :, None] & mx[:, None, :] & (u(0, 1) < self.p)[:, None, None])[:, None]
-        fill = torch.randn_like(x) if self.fill == 'random' else torch.zeros_like(x)
-        return TensorImage(torch.where(mask, fill, x))
+        return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:])))
 
 # %% ../nbs/00a_augment.ipynb #60816fda
-def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
-    "Item transforms on `PILImage`s: resize (+ AutoAugment, flip, pad-and-crop for training), then to tensor"
+def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pad:int=10, train:bool=True, aa_p:float=1.0) -> list:
+    "Item transforms on `PILImage`s: resize (+ AutoAugment with probability `aa_p`, flip, pad-and-crop for training), then to tensor"
     tfms = [ResizeItem(size)]
     if train:
-        if auto_augment: tfms.append(AutoAugmentItem())
+        if auto_augment: tfms.append(AutoAugmentItem(p=aa_p))
         if flip_p > 0: tfms.append(FlipItem(p=flip_p))
         if pad > 0: tfms.append(PadRandomCrop(pad))
     return tfms + [ToTensor()]
@@ -84,3 +353,12 @@ def reid_batch_tfms(stats=imagenet_stats, erase_p:float=0.5, train:bool=True) ->
     "Batch transforms: to float, normalise with `stats` (+ per-image random erasing for training)"
     tfms = [IntToFloatTensor(), Normalize.from_stats(*stats)]
     return tfms + [ReIDRandomErasing(p=erase_p)] if train and erase_p > 0 else tfms
+
+def reid_device_tfms(size=(256, 128), auto_augment:bool=True, aa_p:float=1.0, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
+    "The batched `reid_item_tfms` for uint8 batches from a decoded cache: resize (+ AutoAugment, flip, pad-and-crop for training)"
+    tfms = [BatchResize(size)]
+    if train:
+        if auto_augment: tfms.append(BatchAutoAugment(p=aa_p))
+        if flip_p > 0: tfms.append(BatchFlip(flip_p))
+        if pad > 0: tfms.append(BatchPadCrop(pad))
+    return tfms
