@@ -17,7 +17,7 @@ data_cached_img_s, data_pil_img_s, overhead_ms_per_step (and the rest). On a GPU
 `torch.cuda.set_sync_debug_mode('warn')` and the synchronising calls are listed by place (`sync_calls`).
 
   python benchmarks/throughput.py                              # the GPU, ResNet-50, 256x128, P16xK4
-  python benchmarks/throughput.py --device cpu --quick         # a CPU check of the ratios (small model, < 1 min)
+  python benchmarks/throughput.py --device cpu --quick         # a CPU check of the ratios (small model, about a minute)
   python benchmarks/throughput.py --out benchmarks/results/throughput_h100.json
 """
 import argparse, collections, contextlib, datetime, json, os, statistics, sys, time, warnings
@@ -135,7 +135,7 @@ class PrebuiltBatches(DataLoader):
     def __len__(self): return len(self.batches)
 
 
-def overhead(dev, steps=30, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=3):
+def overhead(dev, steps=20, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=3):
     "ms/step of a bare loop and of `Learner.fit` (project callbacks) on the same pre-built batches, median of `repeat`"
     n_classes = 32
     set_seed(0)
@@ -171,7 +171,7 @@ def main(argv=None):
     ap.add_argument('--size', type=int, nargs=2, default=[256, 128])
     ap.add_argument('--p', type=int, default=16)
     ap.add_argument('--k', type=int, default=4)
-    ap.add_argument('--steps', type=int, default=None, help='batches per timed phase (default 100; --quick 8)')
+    ap.add_argument('--steps', type=int, default=None, help="batches per timed phase (default 100; --quick 3)")
     ap.add_argument('--workers', type=int, default=None, help='PIL path loader processes (default: its own default)')
     ap.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: available cores)')
     ap.add_argument('--skip', nargs='*', default=[], choices=['bare', 'fit_cached', 'fit_pil', 'data', 'overhead', 'sync'])
@@ -180,7 +180,8 @@ def main(argv=None):
     dev = torch.device(a.device)
     torch.set_num_threads(a.threads or available_cpus())
     arch = a.arch or ('test_resnet' if a.quick else 'resnet50')
-    steps = a.steps or (8 if a.quick else 100)
+    steps = a.steps or (3 if a.quick else 100)
+    data_steps = max(steps, 10)   # the loaders alone are cheap: time a few more batches
     size, amp = tuple(a.size), dev.type == 'cuda'
     mp = 'bf16' if amp else None
     data = None if a.data == 'demo' else (a.data or market1501_path())
@@ -207,7 +208,7 @@ def main(argv=None):
         v, _ = time_fit(dls[pl], arch, steps, mp)
         row(f'fit_{pl}_img_s', v, bare)
     for pl in ('cached', 'pil'):
-        row(f'data_{pl}_img_s', None if 'data' in a.skip else time_data(dls[pl].train, steps, dev), bare)
+        row(f'data_{pl}_img_s', None if 'data' in a.skip else time_data(dls[pl].train, data_steps, dev), bare)
     if res['data_pil_img_s'] and res['data_cached_img_s']: res['data_cached_over_pil'] = round(res['data_cached_img_s'] / res['data_pil_img_s'], 2)
     if res['fit_pil_img_s'] and res['fit_cached_img_s']: res['fit_cached_over_pil'] = round(res['fit_cached_img_s'] / res['fit_pil_img_s'], 2)
     if 'overhead' not in a.skip:
@@ -219,7 +220,7 @@ def main(argv=None):
     res['load_after'] = round(os.getloadavg()[0], 2)
     print(f"throughput on {res['device']} ({arch}, {size[0]}x{size[1]}, P{a.p}xK{a.k}, {steps} steps, data: {source})")
     print(f"{'':<18}{'images/s':>10}{'x bare':>9}")
-    for name, v, r in rows: print(f"{name:<18}{v if v is None else round(v, 1):>10}{'' if r is None else f'{r:.2f}':>9}")
+    for name, v, r in rows: print(f"{name:<18}{'-' if v is None else round(v, 1):>10}{'' if r is None else f'{r:.2f}':>9}")
     if 'overhead_ms_per_step' in res:
         print(f"loop overhead (test_resnet 64x32, 1 thread, median of 3): bare {res['overhead_bare_ms_per_step']} ms/step, "
               f"fit {res['overhead_fit_ms_per_step']} ms/step, overhead {res['overhead_ms_per_step']} ms/step")

@@ -20,7 +20,7 @@ __all__ = ['AA_OPS', 'ResizeItem', 'PadRandomCrop', 'AutoAugmentItem', 'BatchRes
            'batch_brightness', 'batch_color', 'batch_contrast', 'batch_sharpness', 'batch_posterize', 'batch_solarize',
            'batch_invert', 'batch_autocontrast', 'batch_equalize', 'batch_affine', 'batch_rotate', 'batch_shear_x',
            'batch_shear_y', 'batch_translate_x', 'batch_translate_y', 'BatchAutoAugment', 'BatchFlip', 'BatchPadCrop',
-           'ReIDRandomErasing', 'reid_item_tfms', 'reid_batch_tfms', 'reid_device_tfms']
+           'ReIDRandomErasing', 'reid_item_tfms', 'ToFloatNormalize', 'reid_batch_tfms', 'reid_device_tfms']
 
 # %% ../nbs/00a_augment.ipynb #484d63d8
 class ResizeItem(Transform):
@@ -331,7 +331,12 @@ class ReIDRandomErasing(Transform):
         if v is None and self.fill == 'mean': v = 0.
         if v is None:
             if x.is_cuda: return torch.where(mask, torch.randn_like(x), x)   # cheap there, and no host-side sizes
-            v = torch.randn(c * int((params['h'] * params['w']).sum()), dtype=x.dtype)   # just the erased pixels
+            # on the CPU: noise for just the erased pixels, written rectangle by rectangle (a full-size mask costs more)
+            x = x.clone()
+            for k in params['erase'].nonzero()[:, 0].tolist():   # CPU tensors: no device involved
+                i_, j_, h_, w_ = (int(params[n][k]) for n in 'ijhw')
+                x[k, :, i_:i_ + h_, j_:j_ + w_] = torch.randn(c, h_, w_, dtype=x.dtype)
+            return x
         if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill(mask, v)
         return x.masked_scatter(mask, _to(v.to(x.dtype), x.device))
 
@@ -349,10 +354,30 @@ def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pa
         if pad > 0: tfms.append(PadRandomCrop(pad))
     return tfms + [ToTensor()]
 
-def reid_batch_tfms(stats=imagenet_stats, erase_p:float=0.5, train:bool=True) -> list:
+class ToFloatNormalize(Transform):
+    "uint8 `TensorImage` -> float, normalised by `mean`, `std` (0-1 scale): fastai's `IntToFloatTensor` + `Normalize` in one"
+    order = 10
+    def __init__(self, mean=imagenet_stats[0], std=imagenet_stats[1]):
+        super().__init__()
+        self.mean, self.std = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    def encodes(self, x:TensorImage):
+        # two in-place passes over one new float tensor, instead of three full-size copies (a quarter of a CPU batch)
+        x = x.as_subclass(Tensor)
+        m, s = (t.to(x.device, non_blocking=True) for t in (self.mean * 255, self.std * 255))
+        return TensorImage(x.float().sub_(m).div_(s))
+    def decodes(self, x:TensorImage):
+        m, s = (t.to(x.device) for t in (self.mean, self.std))
+        return TensorImage(((x.as_subclass(Tensor) * s + m).clamp(0., 1.) * 255).long())
+
+def reid_batch_tfms(stats=imagenet_stats, # normalisation (mean, std), 0-1 scale
+                    erase_p:float=0.5, # probability of random erasing per training image
+                    train:bool=True, # the training pipeline (with erasing) or the test one
+                    erase_fill:str='random', # erase with normal noise ('random', Zhong et al.) or the mean ('mean', BoT)
+                    fused:bool=False, # one `ToFloatNormalize` instead of fastai's `IntToFloatTensor` + `Normalize` (the cached path)
+                   ) -> list:
     "Batch transforms: to float, normalise with `stats` (+ per-image random erasing for training)"
-    tfms = [IntToFloatTensor(), Normalize.from_stats(*stats)]
-    return tfms + [ReIDRandomErasing(p=erase_p)] if train and erase_p > 0 else tfms
+    tfms = [ToFloatNormalize(*stats)] if fused else [IntToFloatTensor(), Normalize.from_stats(*stats)]
+    return tfms + [ReIDRandomErasing(p=erase_p, fill=erase_fill)] if train and erase_p > 0 else tfms
 
 def reid_device_tfms(size=(256, 128), auto_augment:bool=True, aa_p:float=1.0, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
     "The batched `reid_item_tfms` for uint8 batches from a decoded cache: resize (+ AutoAugment, flip, pad-and-crop for training)"

@@ -364,9 +364,9 @@ def _cached_loaders(train_df, test_df, vocab, attrs, p, k, seed, size, aug, eras
     train_ds = items(train_df, [train_df.label, train_df.camid] + ([attrs] if attrs is not None else []), 0)
     test_ds = items(test_df, [test_df.pid, test_df.camid], 1)
     train = ReIDCachedBalancedDL(train_ds, p=p, k=k, labels=train_df.label.values, vocab=vocab, seed=seed, num_workers=0,
-                                 after_batch=reid_device_tfms(size, **aug) + reid_batch_tfms(stats, **erase))
+                                 after_batch=reid_device_tfms(size, **aug) + reid_batch_tfms(stats, **erase, fused=True))
     valid = ReIDCachedTestDL(test_ds, bs=test_bs, shuffle=False, drop_last=False, num_workers=0,
-                             after_batch=reid_device_tfms(size, train=False) + reid_batch_tfms(stats, train=False))
+                             after_batch=reid_device_tfms(size, train=False) + reid_batch_tfms(stats, train=False, fused=True))
     return train, valid
 
 def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df`): path, pid, camid, split
@@ -376,6 +376,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
                      auto_augment:bool=True, # AutoAugment (ImageNet policy) on training images
                      aa_p:float=1.0, # probability that a training image gets AutoAugment at all
                      erase_p:float=0.5, # probability of random erasing per training image
+                     erase_fill:str='random', # erase with normal noise ('random') or the mean ('mean', as BoT)
                      flip_p:float=0.5, # probability of a horizontal flip per training image
                      pad:int=10, # zero-pad by `pad` pixels and crop back at a random position (0: off)
                      test_bs:int=128, # batch size of the query/gallery loader
@@ -401,7 +402,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     device = torch.device(ifnone(device, default_device()))
     pipeline = pick_pipeline(pipeline, device)
     test_df = pd.concat([parts['query'], parts['gallery']], ignore_index=True)
-    aug, erase = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad), dict(erase_p=erase_p)
+    aug, erase = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad), dict(erase_p=erase_p, erase_fill=erase_fill)
     common = (train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs)
     if pipeline == 'pil': train, valid = _pil_loaders(*common, ifnone(num_workers, min(8, available_cpus())))
     else: train, valid = _cached_loaders(*common, device, cache_dir, num_workers)
