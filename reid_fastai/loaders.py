@@ -333,11 +333,20 @@ def _attr_matrix(attributes:pd.DataFrame, pids):
 # %% ../nbs/00b_loaders.ipynb #a91ce40e
 PIPELINES = ('auto', 'pil', 'cached')
 
-def pick_pipeline(pipeline:str='auto', device=None) -> str:
-    "'auto' -> 'cached' on a GPU, 'pil' on the CPU; 'pil' and 'cached' are kept"
+def _free_ram() -> int|None:
+    try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError): return None
+
+def pick_pipeline(pipeline:str='auto', n_images:int|None=None, size=(256, 128), max_ram_fraction:float=0.5) -> str:
+    "'auto' -> 'cached' unless `n_images` decoded at `size` would take more than `max_ram_fraction` of the free RAM; else kept"
     if pipeline not in PIPELINES: raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     if pipeline != 'auto': return pipeline
-    return 'cached' if torch.device(ifnone(device, default_device())).type == 'cuda' else 'pil'
+    free, need = _free_ram(), (n_images or 0) * 3 * size[0] * size[1]   # at most: native sizes are often smaller
+    if free is not None and need > max_ram_fraction * free:
+        print(f"reid_dataloaders: {n_images:,} decoded images ({need/2**30:.1f} GiB at {size[0]}x{size[1]}) would take more than "
+              f"{max_ram_fraction:.0%} of the free memory ({free/2**30:.1f} GiB): using the PIL path (pipeline='cached' to insist)")
+        return 'pil'
+    return 'cached'
 
 def _pil_loaders(train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs, num_workers):
     "The per-item path: PIL decode + augmentation in `num_workers` processes, collated, then the batch transforms"
@@ -385,7 +394,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
                      device=None, # where batches go (default: fastai's `default_device()`)
                      attributes:pd.DataFrame|None=None, # identity attributes indexed by pid: a 4th training target
                      stats=imagenet_stats, # normalisation (mean, std)
-                     pipeline:str='auto', # 'pil' (per item in workers), 'cached' (decoded once, augmented on the device) or 'auto' (cached on a GPU)
+                     pipeline:str='auto', # 'pil' (per item in workers), 'cached' (decoded once, augmented on the device) or 'auto' (cached if it fits in memory)
                      cache_dir=None, # cached path: folder of the decoded-image cache files (default `reid_cache_dir()`; False: none)
                     ) -> ReIDDataLoaders:
     "Identity-balanced training and query+gallery test `DataLoaders` from a re-ID table, on the PIL or the cached path"
@@ -400,7 +409,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     attrs = attr_names = n_attrs = None
     if attributes is not None: attrs, attr_names, n_attrs = _attr_matrix(attributes, train_df.pid.tolist())
     device = torch.device(ifnone(device, default_device()))
-    pipeline = pick_pipeline(pipeline, device)
+    pipeline = pick_pipeline(pipeline, len(df), size)
     test_df = pd.concat([parts['query'], parts['gallery']], ignore_index=True)
     aug, erase = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad), dict(erase_p=erase_p, erase_fill=erase_fill)
     common = (train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs)

@@ -330,6 +330,7 @@ class JLML(nn.Module):
         layers = ['layer1', 'layer2', 'layer3', 'layer4']
         if shared not in layers[:3]: raise ValueError(f"shared must be one of {layers[:3]}, got {shared!r}")
         net = create_backbone(arch, pretrained, last_stride)
+        self.weights = net.reid_weights
         if not all(hasattr(net, l) for l in layers) or not hasattr(net, 'conv1'):
             raise NotImplementedError(f"JLML needs a ResNet-like backbone (conv1, layer1..layer4), got '{arch}'")
         self.n_classes, self.n_stripes, self.reg_weight = n_classes, n_stripes, reg_weight

@@ -31,7 +31,7 @@ def epoch(dl):
 
 
 def test_balanced_batches_with_workers(demo_df):
-    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=0, device="cpu", size=SIZE)
+    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, pipeline="pil", seed=0, device="cpu", size=SIZE)
     assert dls.train.fake_l.num_workers == WORKERS
     batches = epoch(dls.train)
     assert len(batches) == len(dls.train) == len(dls.train_df) // (P * K)
@@ -41,9 +41,9 @@ def test_balanced_batches_with_workers(demo_df):
 
 
 def test_same_seed_same_batches_with_workers(demo_df):
-    a = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=5, device="cpu", size=SIZE)
-    b = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, seed=5, device="cpu", size=SIZE)
-    single = reid_dataloaders(demo_df, p=P, k=K, num_workers=0, seed=5, device="cpu", size=SIZE)
+    a = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, pipeline="pil", seed=5, device="cpu", size=SIZE)
+    b = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, pipeline="pil", seed=5, device="cpu", size=SIZE)
+    single = reid_dataloaders(demo_df, p=P, k=K, num_workers=0, pipeline="pil", seed=5, device="cpu", size=SIZE)
     first = [epoch(a.train) for _ in range(2)]
     assert first == [epoch(b.train) for _ in range(2)]
     assert first == [epoch(single.train) for _ in range(2)]  # workers do not change the order
@@ -51,7 +51,7 @@ def test_same_seed_same_batches_with_workers(demo_df):
 
 
 def test_test_loader_order_with_workers(demo_df):
-    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, device="cpu", size=SIZE)
+    dls = reid_dataloaders(demo_df, p=P, k=K, num_workers=WORKERS, pipeline="pil", device="cpu", size=SIZE)
     pids = torch.cat([b[1] for b in dls.valid]).tolist()
     assert pids == dls.query_df.pid.tolist() + dls.gallery_df.pid.tolist()
 
@@ -61,7 +61,7 @@ def test_broken_image_named_from_worker(demo_df, tmp_path):
     bad.write_bytes(Path(demo_df.path[0]).read_bytes()[:300])  # truncated JPEG
     df = pd.concat([demo_df, pd.DataFrame({"path": [str(bad)], "pid": [1], "camid": [0], "split": ["gallery"]})],
                    ignore_index=True)
-    dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, device="cpu", size=SIZE)
+    dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, pipeline="pil", device="cpu", size=SIZE)
     with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):
         for _ in dls.valid: pass
 

@@ -11,8 +11,8 @@ from reid_fastai.callbacks import load_checkpoint_file
 from reid_fastai.learner import reid_train, reid_train_cli
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(recipe='paper', arch='resnet18', size=(32, 16), p=4, k=4, eval_every=2, lr=1e-3, workers=0, seed=3,
-            quiet=True, device='cpu')
+TINY = dict(recipe='paper', arch='resnet18', pretrained='none', size=(32, 16), p=4, k=4, eval_every=2, lr=1e-3, workers=0,
+            seed=3, quiet=True, device='cpu')
 
 
 @pytest.fixture(scope='module')
@@ -46,7 +46,7 @@ def test_console_script(tiny_data, tmp_path):
     out = tmp_path/'run'
     r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(out), '--arch', 'resnet18', '--epochs', '2',
                               '--size', '32', '16', '--p', '4', '--k', '4', '--eval-every', '1', '--workers', '0',
-                              '--seed', '1', '--device', 'cpu', '--threads', '1', '--checkpoint-every', '1'],
+                              '--seed', '1', '--device', 'cpu', '--threads', '1', '--checkpoint-every', '1', '--pretrained', 'none'],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'R1' in r.stdout and 'mAP' in r.stdout
