@@ -4,6 +4,8 @@
 
 # %% ../nbs/03_callbacks.ipynb #9e7c2de6
 from __future__ import annotations
+import warnings
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import math, os, random, sys, time, warnings
 from functools import partial
 from bisect import bisect_right
@@ -252,7 +254,7 @@ class ReIDEvalCallback(SkipValidation):
                  **eval_kwargs): # more arguments for `evaluate_reid`
         super().__init__()
         store_attr('every,flip,metric,rerank,metrics,eval_kwargs')
-        self.history, self._restored = [], False
+        self.history, self._restored, self._told = [], False, False
 
     def before_fit(self):
         super().before_fit()
@@ -279,12 +281,17 @@ class ReIDEvalCallback(SkipValidation):
                 warnings.warn(f"ReIDEvalCallback: no evaluation at epoch {self.epoch}: {e}", RuntimeWarning)
                 self._res = {**{k: float('nan') for k in self.metrics}, 'error': str(e)}
             self.history.append({'epoch': self.epoch, **self._res})
+            n_skip = int(self._res.get('n_skipped') or 0)
+            if n_skip and not self._told:   # the Market protocol skips them; say how many, once
+                warnings.warn(f"ReIDEvalCallback: {n_skip} queries have no match from another camera in the gallery and are "
+                              f"not scored (the Market-1501 protocol skips them)", RuntimeWarning); self._told = True
         super().before_validate()
 
     def after_validate(self):
         if not self._in_fit or not hasattr(self.learn, 'recorder'): return
         res = self._res or {}
-        self.learn.recorder.log += [res.get(k, float('nan')) for k in self.metrics]
+        # '' (not NaN) for the epochs without evaluation: a blank in the progress table and in history.csv
+        self.learn.recorder.log += [res.get(k, '') for k in self.metrics]
 
     def after_fit(self):
         if self._in_fit: self._restored = False

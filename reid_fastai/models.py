@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import timm
 
 # %% auto #0
-__all__ = ['DEFAULT_TAGS', 'LITE_PACKAGES', 'remove_last_stride', 'load_backbone_weights', 'weights_tag', 'resolve_pretrained',
-           'create_backbone', 'pretrained_stats', 'efficientnet_lite_weights', 'efficientnet_lite0_weights', 'GeM',
-           'MaxPool', 'AvgPool', 'make_pool', 'bn_neck', 'CosineClassifier', 'linear_classifier', 'ReIDNet', 'l21_norm',
-           'JLML', 'reid_splitter']
+__all__ = ['DEFAULT_TAGS', 'LITE_PACKAGES', 'remove_last_stride', 'load_backbone_weights', 'weights_tag', 'WeightsUnavailable',
+           'resolve_pretrained', 'create_backbone', 'pretrained_stats', 'efficientnet_lite_weights',
+           'efficientnet_lite0_weights', 'GeM', 'MaxPool', 'AvgPool', 'make_pool', 'bn_neck', 'CosineClassifier',
+           'linear_classifier', 'ReIDNet', 'l21_norm', 'JLML', 'reid_splitter']
 
 # %% ../nbs/01_models.ipynb #e13ab0de
 def _last_strided_block(backbone: nn.Module) -> nn.Module:
@@ -89,6 +89,9 @@ def weights_tag(arch:str) -> str:
     "The timm tag whose ImageNet weights `pretrained='imagenet'` loads for `arch` (`resnet50` -> `resnet50.tv_in1k`)"
     return arch if '.' in arch else DEFAULT_TAGS.get(arch, arch)
 
+class WeightsUnavailable(RuntimeError):
+    "The pretrained weights asked for cannot be had (no network, not cached, or none exist)"
+
 def _no_weights_help(arch:str) -> str:
     return (f"Three ways out: (1) a local weights file: download the weights of '{weights_tag(arch)}' on a machine with "
             f"network and pass pretrained='path/to/weights.safetensors' (CLI: --pretrained FILE); (2) weights shipped in a "
@@ -117,7 +120,7 @@ def _hub_backbone(arch:str, tag:str|None=None) -> nn.Module:
     tag = tag or weights_tag(arch)
     cfg = timm.models.get_pretrained_cfg(tag)
     if cfg is None or not any(getattr(cfg, a, None) for a in ('url', 'hf_hub_id', 'file', 'state_dict')):
-        raise RuntimeError(f"timm has no pretrained weights for '{tag}'. " + _no_weights_help(arch))
+        raise WeightsUnavailable(f"timm has no pretrained weights for '{tag}'. " + _no_weights_help(arch))
     why = _hub_reachable(cfg)
     if why is None:
         try: return timm.create_model(tag, pretrained=True, num_classes=0, global_pool='')
@@ -126,7 +129,7 @@ def _hub_backbone(arch:str, tag:str|None=None) -> nn.Module:
     if lite and importlib.util.find_spec(LITE_PACKAGES[lite][1].replace('-', '_')):
         warnings.warn(f"the timm hub is unreachable: using the same ImageNet weights from the {LITE_PACKAGES[lite][1]} package")
         return _local_backbone(arch, efficientnet_lite_weights(int(lite[-1])))
-    raise RuntimeError(f"could not get the ImageNet weights of '{arch}' (timm tag '{tag}'): {why}. " + _no_weights_help(arch))
+    raise WeightsUnavailable(f"could not get the ImageNet weights of '{arch}' (timm tag '{tag}'): {why}. " + _no_weights_help(arch))
 
 def _local_backbone(arch:str, path) -> nn.Module:
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool='')

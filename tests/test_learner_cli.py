@@ -8,7 +8,8 @@ from fastai.callback.core import Callback
 
 from reid_fastai.data import make_demo_dataset
 from reid_fastai.callbacks import load_checkpoint_file
-from reid_fastai.learner import reid_train, reid_train_cli
+from reid_fastai.learner import reid_train
+from reid_fastai.cli import reid_train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(recipe='paper', arch='resnet18', pretrained='none', size=(32, 16), p=4, k=4, eval_every=2, lr=1e-3, workers=0,
@@ -35,27 +36,64 @@ def _weights(out, epoch):
 def _metrics(res): return {k: res[k] for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs')}
 
 
+def _cmd():
+    exe = shutil.which('reid_train')
+    return [exe] if exe else [sys.executable, '-c', 'from reid_fastai.cli import reid_train_cli; reid_train_cli()']
+
+
 def test_console_script(tiny_data, tmp_path):
     "The `reid_train` entry point of settings.ini parses its options (hyphens or underscores) and writes its outputs"
     cfg = configparser.ConfigParser(); cfg.read(REPO/'settings.ini')
-    assert 'reid_train=reid_fastai.learner:reid_train_cli' in cfg['DEFAULT']['console_scripts'].replace(' ', '')
-    exe = shutil.which('reid_train')
-    cmd = [exe] if exe else [sys.executable, '-c', 'from reid_fastai.learner import reid_train_cli; reid_train_cli()']
+    assert 'reid_train=reid_fastai.cli:reid_train_cli' in cfg['DEFAULT']['console_scripts'].replace(' ', '')
+    cmd = _cmd()
     help_ = subprocess.run(cmd + ['--help'], capture_output=True, text=True, timeout=300)
     assert help_.returncode == 0 and '--eval_every' in help_.stdout and '--resume' in help_.stdout
+    assert '--cbs' not in help_.stdout and '--dl_kwargs' not in help_.stdout   # Python-only options stay out of --help
     out = tmp_path/'run'
-    r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(out), '--arch', 'resnet18', '--epochs', '2',
-                              '--size', '32', '16', '--p', '4', '--k', '4', '--eval-every', '1', '--workers', '0',
+    r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(out), '--arch', 'resnet18', '--epochs', '3',
+                              '--size', '32', '16', '--p', '4', '--k', '4', '--eval-every', '2', '--workers', '0',
                               '--seed', '1', '--device', 'cpu', '--threads', '1', '--checkpoint-every', '1', '--pretrained', 'none'],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'R1' in r.stdout and 'mAP' in r.stdout
     res = json.loads((out/'results.json').read_text())
-    for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs', 'seconds', 'images_per_s', 'device', 'git_commit', 'config'):
+    for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs', 'seconds', 'images_per_s', 'device', 'git_commit', 'config', 'weights'):
         assert k in res, k
-    assert res['epochs'] == 2 and 0 <= res['R1'] <= 1 and res['config']['size'] == [32, 16]
+    assert res['epochs'] == 3 and 0 <= res['R1'] <= 1 and res['config']['size'] == [32, 16]
     assert (out/'curves.png').stat().st_size > 1000 and (out/'export.pkl').exists()
-    assert [f.name for f in (out/'checkpoints').iterdir()] == ['ckpt_002.pth']
+    assert [f.name for f in (out/'checkpoints').iterdir()] == ['ckpt_003.pth']
+    # not a terminal: one line per epoch under a header, '-' where an epoch was not evaluated, no progress-bar frames
+    lines = [l for l in r.stdout.splitlines() if l.split() and l.split()[0].isdigit()]
+    header = next(l for l in r.stdout.splitlines() if l.split()[:2] == ['epoch', 'train_loss'])
+    assert header.split() == ['epoch', 'train_loss', 'R1', 'R5', 'R10', 'mAP', 'mINP', 'time'], header
+    assert len(lines) == 3 and lines[0].split()[2] == '-' and lines[1].split()[2] != '-', r.stdout
+    assert '\r' not in r.stdout and 'defaults used' in r.stdout and 'R1' in r.stdout.splitlines()[-1]
+    hist = (out/'history.csv').read_text().splitlines()
+    assert hist[0].startswith('epoch,train_loss,R1') and len(hist) == 4
+
+
+def test_cli_errors_are_one_line(tiny_data, tmp_path):
+    "Bad input: one line on stderr, a distinct exit code, no output folder; a corrupt image is found before training"
+    cmd, out = _cmd(), tmp_path/'out'
+    def run(*args):
+        return subprocess.run(cmd + list(args) + ['--out', str(out), '--device', 'cpu', '--pretrained', 'none'],
+                              capture_output=True, text=True, timeout=300)
+    r = run('--data', str(tmp_path/'missing'))
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.startswith('reid_train: error: dataset path'), r.stderr
+    r = run('--data', tiny_data, '--p', '99')
+    assert r.returncode == 2 and '--p 8 on the command line' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = run('--data', tiny_data, '--recipe', 'papper')
+    assert r.returncode == 2 and "unknown recipe 'papper'" in r.stderr, r.stderr
+    assert not out.exists()
+    bad_data = tmp_path/'bad'; shutil.copytree(tiny_data, bad_data)
+    first = sorted((bad_data/'bounding_box_train').iterdir())[0]
+    first.write_bytes(first.read_bytes()[:300])
+    r = run('--data', str(bad_data), '--epochs', '1', '--size', '32', '16', '--p', '4', '--arch', 'resnet18')
+    assert r.returncode == 2 and first.name in r.stderr and '--skip-bad-images' in r.stderr, r.stderr
+    r = run('--data', str(bad_data), '--epochs', '1', '--size', '32', '16', '--p', '4', '--arch', 'resnet18', '--skip-bad-images', '--quiet')
+    assert r.returncode == 0 and f'skipping 1 image(s) that cannot be decoded: {first}' in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(tmp_path/'w'), '--device', 'cpu', '--arch', 'resnet18', '--p', '4'],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert r.returncode == 3 and 'Three ways out' in r.stderr and not (tmp_path/'w').exists(), r.stderr
 
 
 def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
@@ -65,9 +103,9 @@ def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
     from reid_fastai.learner import DEMO_PRESET
     monkeypatch.setattr(d, 'make_demo_dataset', lambda *a, **k: Path(tiny_data))
     monkeypatch.setattr(Learner, 'fit_recipe', lambda self, *a, **k: None)
-    res = reid_train_cli(['--out', str(tmp_path/'demo'), '--p', '4', '--quiet', '--workers', '0'])
+    res = reid_train_cli(['--out', str(tmp_path/'demo'), '--p', '4', '--workers', '0'])
     out = capsys.readouterr().out
-    assert 'no --data given' in out and f"arch={DEMO_PRESET['arch']}" in out and 'p=8' not in out
+    assert 'the demo dataset' in out and f"defaults used: arch={DEMO_PRESET['arch']}" in out and 'p=8' not in out, out
     cfg = res['config']
     assert (cfg['arch'], cfg['p'], cfg['epochs'], tuple(cfg['size'])) == (DEMO_PRESET['arch'], 4, DEMO_PRESET['epochs'], DEMO_PRESET['size'])
 
