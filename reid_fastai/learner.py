@@ -33,6 +33,8 @@ from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallbac
                                    resume_from, latest_checkpoint, NaNStop, LossTermsRecorder, plot_loss_terms,
                                    LeanLogging, TimeBudget)
 from .evaluation import extract_features, evaluate_reid
+from .distributed import (setup_distributed, distributed_context, main_process_first, is_main_process,
+                                     get_world_size)
 from . import data as reid_data
 from .loaders import reid_dataloaders, ReIDTestDL, LoadImage, CachedBatches
 from .augment import reid_item_tfms, reid_batch_tfms, ToFloatNormalize
@@ -456,19 +458,24 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
               ) -> dict:
     "Train and evaluate a re-ID recipe; write results.json, history.csv, curves.png, checkpoints and export.pkl to `out`"
     r = get_recipe(recipe)
+    dev = setup_distributed(device)   # under torchrun / accelerate launch: joins the process group, takes this rank's GPU
+    world, main = get_world_size(), is_main_process()
+    quiet = quiet or not main         # one process speaks
     user = dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs, eval_every=eval_every, lr=lr,
                 pretrained=pretrained, dl_kwargs=dl_kwargs)
     demo = data is None
-    if demo: data, defaults = reid_data.make_demo_dataset(), demo_preset()
+    if demo:
+        with main_process_first(): data = reid_data.make_demo_dataset()
+        defaults = demo_preset()
     else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
                           pretrained='imagenet', dl_kwargs={})
     cfg = {**defaults, **{k_: v for k_, v in user.items() if v is not None}}
     aug = {k_: v for k_, v in dict(aa_p=aa_p, erase_p=erase_p, pad=pad).items() if v is not None}
     if aa_p == 0: aug['auto_augment'] = False
     dl_flags = {**r.data, **cfg['dl_kwargs'], **aug}
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    # on a shared CPU, more threads than free cores make every one of them wait: count what is free now
-    if threads or dev.type == 'cpu': torch.set_num_threads(threads or reid_data.available_cpus())
+    # on a shared CPU, more threads than free cores make every one of them wait: count what is free now (per process)
+    if threads or dev.type == 'cpu':
+        torch.set_num_threads(threads or max(1, reid_data.available_cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
     set_seed(seed, reproducible=True)
     df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
     sizes = reid_data.reid_summary(df)
@@ -478,8 +485,9 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
         _say(f"recipe {r.name!r}" + (f"; defaults used: " + ', '.join(f"{k_}={v}" for k_, v in chosen.items()) if chosen else '')
              + ' (set any of them to override; --help lists the options)')
     stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
-    dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
-                           pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
+    with main_process_first():   # rank 0 builds the decoded-image cache, the others then read it
+        dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
+                               pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
     mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
     out = Path(out)
     learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp,
@@ -490,15 +498,19 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     start = 0
     if resume:
         ck = latest_checkpoint(out/'checkpoints')
-        if ck is None: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
-        else: start = resume_from(learn, out/'checkpoints'); _say(f"resuming from {ck.name}, epoch {start}")
+        if ck is None:
+            if main: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
+        else:
+            start = resume_from(learn, out/'checkpoints')
+            if main: _say(f"resuming from {ck.name}, epoch {start}")
     config = dict(data=str(data), recipe=r.name, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.items()},
                   dl_flags=dl_flags, out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
                   max_minutes=max_minutes, mixed_precision=mixed_precision, compile=compile, checkpoint_every=checkpoint_every,
-                  rerank=rerank, ap_mode=ap_mode, device=str(dev), camid_from=camid_from, skip_bad_images=skip_bad_images)
+                  rerank=rerank, ap_mode=ap_mode, device=str(dev), world_size=world, camid_from=camid_from,
+                  skip_bad_images=skip_bad_images)
     bar = ifnone(progress, sys.stdout.isatty()) and not quiet
     t0 = time.perf_counter()
-    with (learn.added_cbs([]) if bar else learn.no_bar()):
+    with (learn.added_cbs([]) if bar else learn.no_bar()), distributed_context(learn):   # a no-op in one process
         if not bar: learn.logger = noop if quiet else EpochLines(learn)
         # the CSV logger only for the fit: it holds an open file, which `export` could not pickle
         try: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=[CSVLogger(fname='history.csv', append=resume)] + L(cbs))
@@ -509,9 +521,10 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     final = next((h for h in reversed(hist) if 'error' not in h), {})
     res = dict(**{k_: final.get(k_) for k_ in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped')},
                epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
-               train_seconds=round(t_sec, 1), images_per_s=round(n_img / max(t_sec, 1e-9), 1),
+               train_seconds=round(t_sec, 1), images_per_s=round(n_img * world / max(t_sec, 1e-9), 1),
                device=device_name(dev), git_commit=_git_commit(), nan_stop=nan, time_stop=getattr(learn, 'time_stop', None),
                weights=getattr(learn.model, 'weights', None), history=hist, config=config, recipe=r.to_dict())
+    if not main: return res   # rank 0 alone prints and writes results.json, curves.png and export.pkl
     if nan: _say(f"stopped on a non-finite loss at epoch {nan['epoch']} (terms {nan['terms']}); the last good checkpoint is "
                  f"{latest_checkpoint(out/'checkpoints')}")
     (out/'results.json').write_text(json.dumps(res, indent=2, default=str))

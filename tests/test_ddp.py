@@ -157,3 +157,21 @@ def test_one_gpu_torchrun(demo, tmp_path):
     res = torchrun(1, 'ddp_train.py', '--data', demo, '--out', out, '--epochs', 1, '--pipeline', 'cached', '--device', 'cuda')
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert json.loads((out/'results.json').read_text())['epochs'] == 1
+
+
+def test_reid_train_command_two_processes(demo, tmp_path):
+    "The issue's one command: `torchrun --standalone --nproc_per_node 2 -- $(which reid_train) ...` on the CPU writes one results.json"
+    import shutil
+    exe = shutil.which('reid_train')
+    if exe is None: pytest.skip('the reid_train console script is not installed (pip install -e .)')
+    out = tmp_path/'cli'
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'REID_FASTAI_CACHE': str(tmp_path/'cache')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--', exe, '--data', demo,
+           '--out', str(out), '--epochs', '1', '--arch', 'test_resnet', '--pretrained', 'none', '--size', '32', '16',
+           '--p', '4', '--k', '4', '--device', 'cpu', '--threads', '1', '--eval-every', '1']
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    res = json.loads((out/'results.json').read_text())
+    assert res['config']['world_size'] == 2 and res['epochs'] == 1 and 0 <= res['R1'] <= 1
+    assert r.stdout.count('reid_train: R1') == 1   # one process speaks
+    assert sorted(f.name for f in out.iterdir()) == ['checkpoints', 'curves.png', 'export.pkl', 'history.csv', 'results.json']
