@@ -140,8 +140,10 @@ AP_MODES = ('match', 'devkit')
 
 def check_finite(x, what:str='distances', rows:str='queries', cols:str='gallery images'):
     "Raise a clear error if `x` (a distance matrix, or features when `cols` is None) holds NaN or inf"
-    bad = ~torch.isfinite(torch.as_tensor(x))
-    if not bad.any(): return
+    x = torch.as_tensor(x)
+    if not x.is_floating_point() or torch.isfinite(x.sum()): return   # the cheap check: one NaN or inf makes the sum one
+    bad = ~torch.isfinite(x)
+    if not bad.any(): return   # the sum overflowed, the values are fine
     where = (f"{int(bad.any(1).sum())} of {bad.shape[0]} {rows} and {int(bad.any(0).sum())} of {bad.shape[1]} {cols}" if cols
              else f"{int(bad.flatten(1).any(1).sum())} of {bad.shape[0]} {rows}")
     raise ValueError(f"{int(bad.sum()):,} non-finite {what} (NaN or inf), for {where}: no metric is computed from them (a NaN "
