@@ -135,8 +135,8 @@ class PrebuiltBatches(DataLoader):
     def __len__(self): return len(self.batches)
 
 
-def overhead(dev, steps=20, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=3):
-    "ms/step of a bare loop and of `Learner.fit` (project callbacks) on the same pre-built batches, median of `repeat`"
+def overhead(dev, steps=20, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=5):
+    "ms/step of a bare loop and of `Learner.fit` (project callbacks) on the same pre-built batches, `repeat` interleaved pairs"
     n_classes = 32
     set_seed(0)
     batches = [(torch.randn(p * k, 3, *size, device=dev), *pk_labels(p, k, dev)) for _ in range(steps)]
@@ -159,7 +159,7 @@ def overhead(dev, steps=20, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=
                         cbs=[SkipValidation(), LossTermsRecorder(), NaNStop(), LeanLogging(), CenterLossOptimizer(), EpochTimer()])
         with learn.no_bar(), learn.no_logging(): learn.fit(2, 3.5e-4)
         fit.append(learn.epoch_timer.times[-1] / steps * 1e3)
-    return statistics.median(bare), statistics.median(fit)
+    return bare, fit
 
 
 def main(argv=None):
@@ -207,14 +207,20 @@ def main(argv=None):
         if f'fit_{pl}' in a.skip: row(f'fit_{pl}_img_s', None); continue
         v, _ = time_fit(dls[pl], arch, steps, mp)
         row(f'fit_{pl}_img_s', v, bare)
+    if 'data' not in a.skip:   # short phases: alternate the two paths 5 times and keep each one's median
+        runs = {pl: [] for pl in ('cached', 'pil')}
+        for _ in range(5):
+            for pl in runs: runs[pl].append(time_data(dls[pl].train, data_steps, dev))
+        res['data_runs_img_s'] = {pl: [round(v, 1) for v in vs] for pl, vs in runs.items()}
     for pl in ('cached', 'pil'):
-        row(f'data_{pl}_img_s', None if 'data' in a.skip else time_data(dls[pl].train, data_steps, dev), bare)
+        row(f'data_{pl}_img_s', None if 'data' in a.skip else statistics.median(runs[pl]), bare)
     if res['data_pil_img_s'] and res['data_cached_img_s']: res['data_cached_over_pil'] = round(res['data_cached_img_s'] / res['data_pil_img_s'], 2)
     if res['fit_pil_img_s'] and res['fit_cached_img_s']: res['fit_cached_over_pil'] = round(res['fit_cached_img_s'] / res['fit_pil_img_s'], 2)
     if 'overhead' not in a.skip:
-        with _threads(1): b_ms, f_ms = overhead(dev)
-        res.update(overhead_bare_ms_per_step=round(b_ms, 2), overhead_fit_ms_per_step=round(f_ms, 2),
-                   overhead_ms_per_step=round(f_ms - b_ms, 2))
+        with _threads(1): bare_ms, fit_ms = overhead(dev)
+        diffs = sorted(f - b for b, f in zip(bare_ms, fit_ms))   # each pair ran back to back: the load is about the same
+        res.update(overhead_bare_ms_per_step=round(statistics.median(bare_ms), 2), overhead_fit_ms_per_step=round(statistics.median(fit_ms), 2),
+                   overhead_ms_per_step=round(statistics.median(diffs), 2), overhead_spread_ms=[round(diffs[0], 2), round(diffs[-1], 2)])
     if dev.type == 'cuda' and 'sync' not in a.skip: res['sync_calls'] = sync_calls(dls['cached'], arch, min(steps, 20), mp)
     res['seconds'] = round(time.perf_counter() - t0, 1)
     res['load_after'] = round(os.getloadavg()[0], 2)
@@ -222,8 +228,9 @@ def main(argv=None):
     print(f"{'':<18}{'images/s':>10}{'x bare':>9}")
     for name, v, r in rows: print(f"{name:<18}{'-' if v is None else round(v, 1):>10}{'' if r is None else f'{r:.2f}':>9}")
     if 'overhead_ms_per_step' in res:
-        print(f"loop overhead (test_resnet 64x32, 1 thread, median of 3): bare {res['overhead_bare_ms_per_step']} ms/step, "
-              f"fit {res['overhead_fit_ms_per_step']} ms/step, overhead {res['overhead_ms_per_step']} ms/step")
+        print(f"loop overhead (test_resnet 64x32, 1 thread, 5 pairs): bare {res['overhead_bare_ms_per_step']} ms/step, "
+              f"fit {res['overhead_fit_ms_per_step']} ms/step, overhead {res['overhead_ms_per_step']} ms/step "
+              f"(median of the pairs; spread {res['overhead_spread_ms'][0]} to {res['overhead_spread_ms'][1]})")
     if 'sync_calls' in res: print(f"synchronising CUDA calls in 2 x {min(steps, 20)} batches of fit: {res['sync_calls']}")
     line = json.dumps(res)
     print(line)

@@ -303,7 +303,8 @@ class BatchPadCrop(Transform):
 class ReIDRandomErasing(Transform):
     "Per-image random erasing of a normalised `TensorImage` batch (training only)"
     split_idx, order = 0, 100
-    def __init__(self, p:float=0.5, sl:float=0.02, sh:float=0.4, min_aspect:float=0.3, fill:str='random'):
+    def __init__(self, p:float=0.5, sl:float=0.02, sh:float=0.4, min_aspect:float=0.3, fill:str='random',
+                 inplace:bool=False): # erase in the batch itself (safe when a transform before made it, as in `reid_batch_tfms`)
         if fill not in ('random', 'mean'): raise ValueError(f"fill must be 'random' or 'mean', got {fill!r}")
         super().__init__(); store_attr()
 
@@ -322,29 +323,29 @@ class ReIDRandomErasing(Transform):
         i, j = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
         return dict(erase=erase, i=i * erase, j=j * erase, h=h, w=w)
 
-    def apply(self, x:Tensor, params:dict, v=None) -> Tensor:
+    def apply(self, x:Tensor, params:dict, v=None, inplace:bool=False) -> Tensor:
         "Erase the rectangles of `params` with `v`: a number, or the values image by image, each `[C, h, w]` flattened (default: by `fill`)"
         x = x.as_subclass(Tensor)
         if not params['erase'].any(): return x
         n, c, H, W = x.shape
+        if v is None and self.fill == 'mean': v = 0.
+        if v is None and not x.is_cuda:
+            # on the CPU: noise for just the erased pixels, written rectangle by rectangle (a full-size mask costs more)
+            if not inplace: x = x.clone()
+            for k in params['erase'].nonzero()[:, 0].tolist():   # CPU tensors: no device involved
+                i_, j_, h_, w_ = (int(params[n_][k]) for n_ in 'ijhw')
+                x[k, :, i_:i_ + h_, j_:j_ + w_] = torch.randn(c, h_, w_, dtype=x.dtype)
+            return x
         i, j, h, w = _to(torch.stack([params[k] for k in 'ijhw']), x.device)[..., None]   # h = w = 0: not erased
         ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
         mask = (((ys >= i) & (ys < i + h))[:, :, None] & ((xs >= j) & (xs < j + w))[:, None, :])[:, None]
-        if v is None and self.fill == 'mean': v = 0.
-        if v is None:
-            if x.is_cuda: return torch.where(mask, torch.randn_like(x), x)   # cheap there, and no host-side sizes
-            # on the CPU: noise for just the erased pixels, written rectangle by rectangle (a full-size mask costs more)
-            x = x.clone()
-            for k in params['erase'].nonzero()[:, 0].tolist():   # CPU tensors: no device involved
-                i_, j_, h_, w_ = (int(params[n][k]) for n in 'ijhw')
-                x[k, :, i_:i_ + h_, j_:j_ + w_] = torch.randn(c, h_, w_, dtype=x.dtype)
-            return x
-        if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill(mask, v)
+        if v is None: return torch.where(mask, torch.randn_like(x), x)   # on the GPU: cheap, and no host-side sizes
+        if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill_(mask, v) if inplace else x.masked_fill(mask, v)
         return x.masked_scatter(mask, _to(v.to(x.dtype), x.device))
 
     def encodes(self, x:TensorImage):
         if self.p <= 0: return x
-        return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:])))
+        return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:]), inplace=self.inplace))
 
 # %% ../nbs/00a_augment.ipynb #60816fda
 def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pad:int=10, train:bool=True, aa_p:float=1.0) -> list:
@@ -379,7 +380,8 @@ def reid_batch_tfms(stats=imagenet_stats, # normalisation (mean, std), 0-1 scale
                    ) -> list:
     "Batch transforms: to float, normalise with `stats` (+ per-image random erasing for training)"
     tfms = [ToFloatNormalize(*stats)] if fused else [IntToFloatTensor(), Normalize.from_stats(*stats)]
-    return tfms + [ReIDRandomErasing(p=erase_p, fill=erase_fill)] if train and erase_p > 0 else tfms
+    # erasing in place: the float conversion just before made the batch, nobody else holds it
+    return tfms + [ReIDRandomErasing(p=erase_p, fill=erase_fill, inplace=True)] if train and erase_p > 0 else tfms
 
 def reid_device_tfms(size=(256, 128), auto_augment:bool=True, aa_p:float=1.0, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
     "The batched `reid_item_tfms` for uint8 batches from a decoded cache: resize (+ AutoAugment, flip, pad-and-crop for training)"
