@@ -61,8 +61,10 @@ def test_broken_image_named_from_worker(demo_df, tmp_path):
     bad.write_bytes(Path(demo_df.path[0]).read_bytes()[:300])  # truncated JPEG
     df = pd.concat([demo_df, pd.DataFrame({"path": [str(bad)], "pid": [1], "camid": [0], "split": ["gallery"]})],
                    ignore_index=True)
-    dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, pipeline="pil", device="cpu", size=SIZE)
-    with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):
+    with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):   # checked before training, in WORKERS processes
+        reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, pipeline="pil", device="cpu", size=SIZE)
+    dls = reid_dataloaders(df, p=P, k=K, num_workers=WORKERS, pipeline="pil", device="cpu", size=SIZE, check_images=False)
+    with pytest.raises(Exception, match="0001_c1s1_000001_00.jpg"):   # unchecked: the worker names it
         for _ in dls.valid: pass
 
 
