@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # run from a checkout without installing
 from fastai.callback.core import Callback
