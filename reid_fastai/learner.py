@@ -364,8 +364,8 @@ def extract_image_features(learn_or_model, # a `Learner` (its `dls.valid` transf
     return feats
 
 # %% ../nbs/05_learner.ipynb #193dd397
-# ImageNet EfficientNet-Lite0 weights (`efficientnet_lite0_weights()`, a pip package, no network) at 64x32: measured
-# R1 ~0.45 on the demo after 6-8 epochs. From scratch (when that package is missing) small nets stay below R1 0.1 in
+# ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured R1 0.34-0.38 / mAP 0.24-0.28 on the
+# demo after 6 epochs (2026-12-02, benchmarks/results/demo_paper_cpu_results.json and demo_under_load_cpu.txt). From scratch (when that package is missing) small nets stay below R1 0.1 in
 # a CPU-friendly budget, so the scratch fallback is only a smoke run.
 DEMO_PRESET = dict(arch='tf_efficientnet_lite0', pretrained='lite0', size=(64, 32), p=8, k=4, epochs=6, eval_every=3,
                    lr=1e-3, dl_kwargs=dict(auto_augment=False, pad=2))

@@ -180,7 +180,7 @@ def pretrained_stats(arch:str, pretrained) -> tuple:
     tag = {'hub': value, 'package': LITE_PACKAGES[value][0] if kind == 'package' else None}.get(kind)
     cfg = timm.models.get_pretrained_cfg(tag) if tag else None
     mean, std = (getattr(cfg, 'mean', None), getattr(cfg, 'std', None)) if cfg is not None else (None, None)
-    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    imagenet = (list(timm.data.IMAGENET_DEFAULT_MEAN), list(timm.data.IMAGENET_DEFAULT_STD))
     return (list(mean), list(std)) if mean and std else imagenet
 
 # %% ../nbs/01_models.ipynb #da921837
