@@ -123,9 +123,13 @@ RECIPES = {r.name: r for r in [
 
 def get_recipe(recipe='paper', **overrides) -> Recipe:
     "A copy of the recipe named `recipe` (or of a `Recipe`), with `overrides` applied by `Recipe.replace`"
-    if isinstance(recipe, Recipe): r = recipe
-    elif recipe in RECIPES: r = RECIPES[recipe]
-    else: raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)} (see list_recipes())")
+    if isinstance(recipe, str):
+        if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)} (see list_recipes())")
+        r = RECIPES[recipe]
+    # by shape, not `isinstance`: a notebook run in the same process (nbdev_test reuses its workers) defines
+    # its own `Recipe` class, and `Learner.fit_recipe` patched there must still take the package's recipes
+    elif callable(getattr(recipe, 'replace', None)) and hasattr(recipe, 'terms'): r = recipe
+    else: raise TypeError(f"recipe must be a name or a `Recipe`, not {type(recipe).__name__}; see list_recipes()")
     return r.replace(**overrides)
 
 def list_recipes() -> pd.DataFrame:

@@ -1,0 +1,52 @@
+"""`nbdev_test` runs the notebooks in a pool of worker processes and reuses each worker for several notebooks.
+A notebook that `@patch`es a class it does not define (fastai's `Learner`) leaves its own versions of those
+methods behind, bound to the classes that notebook defined; a later notebook in the same worker imports the
+package and gets the package's objects, which those methods must still accept. Whether two such notebooks share
+a worker depends on scheduling (CI once failed this way: the tutorial's `fit_recipe` met a package `Recipe`),
+so this test makes the sharing certain: it runs the export cells of every patching notebook in one process, as
+a reused worker would, then trains through the package for one epoch and loads the trained model back."""
+import os
+from pathlib import Path
+
+from execnb.nbio import read_nb
+from execnb.shell import CaptureShell
+
+NBS = Path(__file__).resolve().parents[1]/'nbs'
+
+
+def _export_cells(nb):
+    return [c for c in nb.cells if c.cell_type == 'code' and c.source.lstrip().startswith('#| export')]
+
+
+def _patching_notebooks():
+    "Notebooks whose exported code patches a class, in the order nbdev lists them"
+    return [p for p in sorted(NBS.glob('[0-9]*.ipynb')) if any('@patch' in c.source for c in _export_cells(read_nb(p)))]
+
+
+def test_patching_notebooks_found():
+    names = [p.name for p in _patching_notebooks()]
+    assert '03_callbacks.ipynb' in names and '05_learner.ipynb' in names, names
+
+
+def test_package_works_after_notebooks_patched_in_same_process(tmp_path):
+    from fastai.learner import Learner
+    import reid_fastai.learner   # imported first (by an earlier notebook in the worker), so the notebooks' patches win
+    before = Learner.fit_recipe
+    for nb_path in _patching_notebooks():
+        shell = CaptureShell()   # a fresh namespace per notebook, as `nbdev_test` gives each
+        for cell in _export_cells(read_nb(nb_path)):
+            shell.run(cell.source)
+            assert shell.exc is None, f"{nb_path.name}: {shell.exc!r}\n{cell.source[:300]}"
+    # the notebooks' versions are now the ones on `Learner`, as in a reused nbdev worker
+    assert Learner.fit_recipe is not before and Learner.fit_recipe.__module__ != 'reid_fastai.learner'
+
+    from reid_fastai.data import make_demo_dataset
+    from reid_fastai.learner import reid_train   # the package's objects, as a later notebook imports them
+    from reid_fastai.inference import load_reid_model
+    demo = make_demo_dataset(tmp_path/'demo', n_ids=20)
+    res = reid_train(data=str(demo), arch='resnet18', pretrained='none', size=(32, 16), p=4, k=2, epochs=1,
+                     eval_every=1, out=str(tmp_path/'run'), workers=0, pipeline='pil', quiet=True, checkpoint_every=1,
+                     threads=min(2, os.cpu_count() or 1), device='cpu', dl_kwargs=dict(auto_augment=False, pad=2))
+    assert res['epochs'] == 1 and 0 <= res['R1'] <= 1, res
+    model = load_reid_model(tmp_path/'run')   # the run's checkpoint and export load back through the package
+    assert model is not None
