@@ -11,7 +11,6 @@ import numpy as np, pandas as pd, torch
 import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
-from fastcore.script import call_parse, anno_parser, Param, store_true
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from fastai.learner import Learner, load_learner
@@ -31,9 +30,8 @@ with warnings.catch_warnings():  # fastai's import-time FutureWarning would prin
 # %% auto #0
 __all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'BACKENDS', 'INDEX_FILES', 'ReIDInputError', 'weights_sha1', 'model_name',
            'query_gallery_dl', 'ReIDModel', 'load_checkpoint_weights', 'load_reid_model', 'folders_query_gallery_df',
-           'query_gallery_df', 'evaluate_features', 'evaluate_model', 'reid_eval', 'reid_eval_cli', 'have_faiss',
-           'items_table', 'GalleryIndex', 'show_search', 'RetrievalModule', 'have_onnx', 'onnx_session', 'export_onnx',
-           'check_onnx']
+           'query_gallery_df', 'evaluate_features', 'evaluate_model', 'reid_eval', 'have_faiss', 'items_table',
+           'GalleryIndex', 'show_search', 'RetrievalModule', 'have_onnx', 'onnx_session', 'export_onnx', 'check_onnx']
 
 # %% ../nbs/08_inference.ipynb #2dd4c673
 class ReIDInputError(ValueError):
@@ -502,26 +500,25 @@ def _write_eval(out:Path, res:dict, r:dict, q_df, g_df, n_show:int, name:str):
 # %% ../nbs/08_inference.ipynb #c5a0a3cf
 _CLI_ERRORS = (ReIDInputError, ValueError, OSError)   # bad input (missing files, bad layouts, unreadable images, options)
 
-@call_parse
 def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train output folder
               data:str=None, # a dataset folder (any layout reid_df knows, or query/ + bounding_box_test/ alone) or a CSV
               query:str=None, # a folder of query images (with --gallery, instead of --data)
               gallery:str=None, # a folder of gallery images
-              flip:bool=True, # --no-flip: no flip test-time augmentation (by default each image's and its mirror's features are averaged)
-              rerank:store_true=False, # k-reciprocal re-ranking
+              flip:bool=True, # flip test-time augmentation: average each image's features with its mirror's
+              rerank:bool=False, # k-reciprocal re-ranking
               metric:str='euclidean', # 'euclidean' or 'cosine'
               ap:str='match', # AP definition: 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
               out:str=None, # folder for results.json, cmc.png and retrieval.png (default: print only)
               device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
               bs:int=128, # images per batch
-              size:Param("test height and width (default: the training size)", int, nargs=2)=None,
+              size:tuple=None, # test (height, width) (default: the training size)
               arch:str=None, # a checkpoint without its results.json: the timm backbone it was trained with
               recipe:str=None, # ... and its recipe
               pretrained:str=None, # ... and its initial weights (they set the input normalisation), e.g. imagenet, lite0, none
               workers:int=0, # loader processes
               threads:int=None, # torch CPU threads (default on the CPU: the free cores)
-              debug:store_true=False): # show the traceback of an error
-    "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"
+             ) -> dict:
+    "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to `out` (the `reid_eval` command)"
     try: dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError: raise ReIDInputError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise ReIDInputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
@@ -532,37 +529,6 @@ def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train ou
     return evaluate_model(m, data, query, gallery, flip=flip, rerank=rerank, metric=metric, ap_mode=ap, bs=bs, out=out,
                           num_workers=workers)
 
-def _one_line(e:BaseException) -> str:
-    return ' '.join(str(e).split()) or type(e).__name__
-
-def _cli_error(msg:str, usage:bool=True):
-    "One line on stderr, exit status 2 (as argparse does, but without the usage block)"
-    print(f"reid_eval: error: {' '.join(str(msg).split())}" + (" (reid_eval --help lists the options)" if usage else ''), file=sys.stderr)
-    raise SystemExit(2)
-
-def reid_eval_cli(argv=None):
-    "Console entry point `reid_eval`; bad input: one line on stderr and exit status 2 (`--debug`: the traceback); returns the results for an `argv` list"
-    console, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
-    def _opt(a):  # options with `-` or `_` (`--no_flip` = `--no-flip`); a bare `--flip` is the default
-        if not a.startswith('--'): return a
-        name, eq, val = a[2:].partition('=')
-        name = name.replace('_', '-') if name in ('no_flip',) else name.replace('-', '_') if not name.startswith('no-') else name
-        return '--' + name + eq + val
-    argv = [_opt(a) for a in argv if a != '--flip']
-    p = anno_parser(reid_eval, prog='reid_eval')
-    p.error = _cli_error
-    args = vars(p.parse_args(argv))
-    for k in ('pdb', 'xtra'): args.pop(k, None)
-    debug = args['debug']
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*insecure pickle.*')
-            warnings.filterwarnings('ignore', message='.*ignored the ImageNet classifier keys.*')
-            res = reid_eval(**args)
-    except _CLI_ERRORS as e:
-        if debug: raise
-        _cli_error(_one_line(e), usage=False)
-    return None if console else res
 
 # %% ../nbs/08_inference.ipynb #ea946140
 INDEX_FORMAT = 'reid_fastai.GalleryIndex'

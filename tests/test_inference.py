@@ -13,7 +13,7 @@ from reid_fastai.inference import (ReIDInputError, load_reid_model, load_checkpo
                                    export_onnx, check_onnx)
 
 REPO = Path(__file__).resolve().parents[1]
-CMD = [sys.executable, '-c', 'from reid_fastai.inference import reid_eval_cli; reid_eval_cli()']
+CMD = [sys.executable, '-c', 'from reid_fastai.cli import reid_eval_cli; reid_eval_cli()']
 KEYS = ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped', 'seconds', 'device', 'git_commit', 'weights', 'recipe', 'config')
 
 
