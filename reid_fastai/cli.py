@@ -126,13 +126,8 @@ def _eval_args(
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"
 
 def _eval_hyphens(argv) -> list:
-    "Options with `-` or `_` (`--no_flip` = `--no-flip`, `--eval-every` = `--eval_every`); a bare `--flip` is the default"
-    def opt(a):
-        if not a.startswith('--'): return a
-        name, eq, val = a[2:].partition('=')
-        name = name.replace('_', '-') if name == 'no_flip' else name if name.startswith('no-') else name.replace('-', '_')
-        return '--' + name + eq + val
-    return [opt(a) for a in argv if a != '--flip']
+    "`_hyphens`, except that argparse's negative flag keeps its hyphen (`--no_flip` = `--no-flip`); a bare `--flip` is the default"
+    return ['--no-flip' if a == '--no_flip' else a for a in _hyphens(a for a in argv if a != '--flip')]
 
 def _eval_error(msg, usage:bool=True):
     "One line on stderr, exit status 2 (as argparse does, without the usage block)"
