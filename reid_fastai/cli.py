@@ -125,6 +125,8 @@ def _eval_args(
 ):
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"
 
+
+# %% ../nbs/05a_cli.ipynb #c0999395
 def _eval_hyphens(argv) -> list:
     "`_hyphens`, except that argparse's negative flag keeps its hyphen (`--no_flip` = `--no-flip`); a bare `--flip` is the default"
     return ['--no-flip' if a == '--no_flip' else a for a in _hyphens(a for a in argv if a != '--flip')]
@@ -147,9 +149,9 @@ def reid_eval_cli(argv=None):
         warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)   # fastai's, at import
         warnings.filterwarnings('ignore', message='.*insecure pickle.*')
         warnings.filterwarnings('ignore', message='.*ignored the ImageNet classifier keys.*')
-        from reid_fastai.inference import reid_eval, ReIDInputError
+        from reid_fastai.inference import reid_eval, _CLI_ERRORS
         try: res = reid_eval(**args)
-        except (ReIDInputError, ValueError, OSError) as e:   # bad input: missing files, bad layouts, unreadable images, options
+        except _CLI_ERRORS as e:   # bad input: missing files, bad layouts, unreadable images, options
             if debug: raise
             _eval_error(e if str(e).strip() else type(e).__name__, usage=False)
     return None if console else res

@@ -498,7 +498,7 @@ def _write_eval(out:Path, res:dict, r:dict, q_df, g_df, n_show:int, name:str):
         fig.savefig(out/'retrieval.png', dpi=60); plt.close(fig)
 
 # %% ../nbs/08_inference.ipynb #c5a0a3cf
-_CLI_ERRORS = (ReIDInputError, ValueError, OSError)   # bad input (missing files, bad layouts, unreadable images, options)
+_CLI_ERRORS = (ReIDInputError, ValueError, OSError)   # what `reid_eval_cli` reports as bad input (missing files, bad layouts, unreadable images, options)
 
 def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train output folder
               data:str=None, # a dataset folder (any layout reid_df knows, or query/ + bounding_box_test/ alone) or a CSV

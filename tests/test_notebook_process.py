@@ -31,22 +31,30 @@ def test_patching_notebooks_found():
 def test_package_works_after_notebooks_patched_in_same_process(tmp_path):
     from fastai.learner import Learner
     import reid_fastai.learner   # imported first (by an earlier notebook in the worker), so the notebooks' patches win
+    saved = dict(vars(Learner))   # the notebooks' patches are undone at the end: later tests get the package's
     before = Learner.fit_recipe
-    for nb_path in _patching_notebooks():
-        shell = CaptureShell()   # a fresh namespace per notebook, as `nbdev_test` gives each
-        for cell in _export_cells(read_nb(nb_path)):
-            shell.run(cell.source)
-            assert shell.exc is None, f"{nb_path.name}: {shell.exc!r}\n{cell.source[:300]}"
-    # the notebooks' versions are now the ones on `Learner`, as in a reused nbdev worker
-    assert Learner.fit_recipe is not before and Learner.fit_recipe.__module__ != 'reid_fastai.learner'
+    try:
+        for nb_path in _patching_notebooks():
+            shell = CaptureShell()   # a fresh namespace per notebook, as `nbdev_test` gives each
+            for cell in _export_cells(read_nb(nb_path)):
+                shell.run(cell.source)
+                assert shell.exc is None, f"{nb_path.name}: {shell.exc!r}\n{cell.source[:300]}"
+        # the notebooks' versions are now the ones on `Learner`, as in a reused nbdev worker
+        assert Learner.fit_recipe is not before and Learner.fit_recipe.__module__ != 'reid_fastai.learner'
 
-    from reid_fastai.data import make_demo_dataset
-    from reid_fastai.learner import reid_train   # the package's objects, as a later notebook imports them
-    from reid_fastai.inference import load_reid_model
-    demo = make_demo_dataset(tmp_path/'demo', n_ids=20)
-    res = reid_train(data=str(demo), arch='resnet18', pretrained='none', size=(32, 16), p=4, k=2, epochs=1,
-                     eval_every=1, out=str(tmp_path/'run'), workers=0, pipeline='pil', quiet=True, checkpoint_every=1,
-                     threads=min(2, os.cpu_count() or 1), device='cpu', dl_kwargs=dict(auto_augment=False, pad=2))
-    assert res['epochs'] == 1 and 0 <= res['R1'] <= 1, res
-    model = load_reid_model(tmp_path/'run')   # the run's checkpoint and export load back through the package
-    assert model is not None
+        from reid_fastai.data import make_demo_dataset
+        from reid_fastai.learner import reid_train   # the package's objects, as a later notebook imports them
+        from reid_fastai.inference import load_reid_model
+        demo = make_demo_dataset(tmp_path/'demo', n_ids=20)
+        res = reid_train(data=str(demo), arch='resnet18', pretrained='none', size=(32, 16), p=4, k=2, epochs=1,
+                         eval_every=1, out=str(tmp_path/'run'), workers=0, pipeline='pil', quiet=True, checkpoint_every=1,
+                         threads=min(2, os.cpu_count() or 1), device='cpu', dl_kwargs=dict(auto_augment=False, pad=2))
+        assert res['epochs'] == 1 and 0 <= res['R1'] <= 1, res
+        model = load_reid_model(tmp_path/'run')   # the run's export loads back through the package and embeds images
+        feats = model.features(sorted((demo/'query').glob('*.jpg'))[:2])
+        assert model.size == (32, 16) and feats.shape[0] == 2, (model, feats.shape)
+    finally:
+        for name in set(vars(Learner)) - set(saved): delattr(Learner, name)
+        for name, value in saved.items():
+            if vars(Learner).get(name) is not value: setattr(Learner, name, value)
+    assert Learner.fit_recipe is before
