@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's ablations (Zhang & Ding 2021, Tables 2-6) as recipes, with the paper's figures beside ours.
 
-Each table is a list of rows; a row is a recipe of `reid_fastai.learner` (Table 2: `table2_rows()`, Tables 3-4: the
+Each table is a list of rows; a row is a recipe of `reid_fastai.recipes` (Table 2: `table2_rows()`, Tables 3-4: the
 `t3_*`/`t4_*` recipes) plus, for Table 5, re-ranking and, for Table 6, the batch shape P x K. Every row trains one
 model from the same seed and evaluates it under the Market-1501 protocol; one CSV line per row is appended to --out
 as soon as the row finishes (so a long run that dies keeps what it measured), with the device, date, command and git
@@ -73,26 +73,17 @@ def paper_table(tables=TABLES) -> pd.DataFrame:
 
 def check_recipes():
     "Every row's recipe exists, and Table 2's rows are exactly `table2_rows()`, in order"
-    from reid_fastai.learner import RECIPES, table2_rows
+    from reid_fastai.recipes import RECIPES, table2_rows
     missing = sorted({r[2] for r in PAPER_ROWS} - set(RECIPES))
-    if missing: raise RuntimeError(f"recipes missing from reid_fastai.learner: {missing}")
+    if missing: raise RuntimeError(f"recipes missing from reid_fastai.recipes: {missing}")
     t2 = [r[2] for r in PAPER_ROWS if r[0] == 2]
     if t2 != list(table2_rows()): raise RuntimeError(f"Table 2 rows {t2} != table2_rows() {list(table2_rows())}")
 
 # ---------------------------------------------------------------------------------------------------------------
-def _git_commit():
-    try: return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip() or None
-    except Exception: return None
-
-def _device_name(dev):
-    import torch, platform
-    if dev.type == 'cuda': return torch.cuda.get_device_name(dev)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 def _dls_kwargs(recipe):
     "The `reid_dataloaders` flags a recipe assumes (Table 2's rows via `table2_rows()`)"
-    from reid_fastai.learner import RECIPES, table2_rows
+    from reid_fastai.recipes import RECIPES, table2_rows
     t2 = table2_rows()
     return dict(t2[recipe][0]) if recipe in t2 else dict(RECIPES[recipe].data)
 
@@ -109,6 +100,7 @@ def run_rows(rows:pd.DataFrame, data=None, arch='resnet50', pretrained=None, epo
     from reid_fastai.evaluation import evaluate_reid
     from reid_fastai.learner import reid_learner
     from reid_fastai.models import pretrained_stats
+    from reid_fastai.provenance import device_name, git_commit
     check_recipes()
     data = Path(data) if data else make_demo_dataset()
     df = reid_df(data)
@@ -139,8 +131,8 @@ def run_rows(rows:pd.DataFrame, data=None, arch='resnet50', pretrained=None, epo
             R1=round(100 * res['R1'], 2), mAP=round(100 * res['mAP'], 2), mINP=round(100 * res['mINP'], 2),
             paper_R1=row.paper_R1, paper_mAP=row.paper_mAP, dataset=dataset_name, arch=arch,
             pretrained=str(pre), size=f"{size[0]}x{size[1]}", epochs=epochs, lr=lr, seed=seed,
-            seconds=round(time.perf_counter() - t0, 1), device=_device_name(dev),
-            date=datetime.datetime.now().isoformat(timespec='seconds'), git_commit=_git_commit(), command=command))
+            seconds=round(time.perf_counter() - t0, 1), device=device_name(dev),
+            date=datetime.datetime.now().isoformat(timespec='seconds'), git_commit=git_commit(), command=command))
         if out:
             out_p = Path(out); out_p.parent.mkdir(parents=True, exist_ok=True)
             pd.DataFrame(results[-1:]).to_csv(out_p, mode='a', header=not out_p.exists(), index=False)

@@ -17,7 +17,7 @@ import argparse, datetime, json, os, platform, statistics, sys, time
 import numpy as np, torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout without installing
-from reid_fastai.inference import GalleryIndex, have_faiss
+from reid_fastai.gallery import GalleryIndex, have_faiss
 from reid_fastai.data import available_cpus
 
 

@@ -36,7 +36,9 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from reid_fastai.data import available_cpus, make_demo_dataset, market1501_df, market1501_path, reid_df
 from reid_fastai.loaders import reid_dataloaders
-from reid_fastai.learner import reid_learner, recipe_model, recipe_loss, device_name
+from reid_fastai.learner import reid_learner
+from reid_fastai.recipes import recipe_model, recipe_loss
+from reid_fastai.provenance import device_name
 from reid_fastai.callbacks import SkipValidation, ReIDEvalCallback, LossTermsRecorder, NaNStop, LeanLogging, CenterLossOptimizer
 
 
@@ -155,7 +157,7 @@ def overhead(dev, steps=20, arch='test_resnet', size=(64, 32), p=8, k=4, repeat=
         loss = recipe_loss('paper', n_classes, model.feat_dim).to(dev)
         dls = DataLoaders(PrebuiltBatches(batches), PrebuiltBatches(batches[:1]), device=dev)
         dls.n_inp = 1
-        from reid_fastai.learner import reid_opt_func
+        from reid_fastai.optim import reid_opt_func
         learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(), lr=3.5e-4, wd=5e-4,
                         cbs=[SkipValidation(), LossTermsRecorder(), NaNStop(), LeanLogging(), CenterLossOptimizer(), EpochTimer()])
         with learn.no_bar(), learn.no_logging(): learn.fit(2, 3.5e-4)

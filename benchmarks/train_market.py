@@ -18,7 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from reid_fastai.learner import reid_train  # noqa: E402
+from reid_fastai.train import reid_train  # noqa: E402
 from reid_fastai import data as reid_data  # noqa: E402
 
 

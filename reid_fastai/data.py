@@ -18,7 +18,8 @@ from fastai.vision.core import PILImage
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'MARKET_DIRNAME', 'LAYOUTS', 'check_reid_df', 'reid_summary', 'market1501_df', 'repo_root',
            'data_dir', 'market1501_path', 'dukemtmc_df', 'cuhk03np_df', 'msmt17_df', 'csv_df', 'folders_df', 'reid_df',
            'make_demo_dataset', 'demo_attributes', 'make_demo_dataset_cli', 'load_reid_image', 'available_cpus',
-           'pool_map', 'chunk_ranges', 'verify_images', 'market_attributes']
+           'pool_map', 'chunk_ranges', 'verify_images', 'market_attributes', 'ReIDInputError',
+           'folders_query_gallery_df', 'query_gallery_df', 'items_table']
 
 # %% ../nbs/00_data.ipynb #466ebc37
 SPLITS = ('train', 'query', 'gallery')
@@ -522,3 +523,141 @@ def market_attributes(mat_path) -> pd.DataFrame:
     df = pd.concat(frames)
     df.attrs['n_classes'] = {n: 4 if n == 'age' else 2 for n in df.columns}
     return df
+
+# %% ../nbs/00_data.ipynb #3e277e06
+class ReIDInputError(ValueError):
+    "Bad input to the re-ID tools (a file, a folder, a dataset or an option): the message names it and the fix"
+
+_GALLERY_DIRS = ('bounding_box_test', 'gallery')
+
+def _images_in(folder:Path) -> list:
+    return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+
+def _folder_images(folder, what:str) -> dict:
+    "{subfolder name or '': image names} of a query or gallery folder (flat, or one subfolder per identity)"
+    folder = Path(folder).expanduser()
+    if not folder.exists(): raise ReIDInputError(f"{what} folder {folder} does not exist")
+    if not folder.is_dir(): raise ReIDInputError(f"{what} folder {folder} is not a folder")
+    flat = _images_in(folder)
+    subs = {e.name: _images_in(Path(e.path)) for e in sorted(os.scandir(folder), key=lambda e: e.name)
+            if e.is_dir() and not e.name.startswith('.')}
+    subs = {k: v for k, v in subs.items() if v}
+    if not flat and not subs:
+        raise ReIDInputError(f"{what} folder {folder} holds no images ({'/'.join(e[1:] for e in IMAGE_EXTS)} files, directly "
+                             f"or one subfolder per identity): put the {what} images there, or check the path")
+    if flat and subs:
+        raise ReIDInputError(f"{what} folder {folder} mixes images and identity subfolders: use one layout, "
+                             f"all images directly in it (Market-style names) or one subfolder per identity")
+    return {'': flat} if flat else subs
+
+def _parse_name(name:str):
+    "(pid, camid) of a Market-1501, DukeMTMC-reID or CUHK03-NP file name, or None"
+    for rx, _ in _NAME_PATTERNS.values():
+        m = re.fullmatch(rx, name)
+        if m: return int(m['pid']), int(m['cam']) - 1
+    return None
+
+def folders_query_gallery_df(query, # folder of query images: Market-style names, or one subfolder per identity
+                             gallery, # folder of gallery images, in the same way
+                            ) -> pd.DataFrame:
+    "A query + gallery table from two folders; ids and cameras from Market-style names, else ids from subfolder names"
+    parts = {s: (Path(f).expanduser(), _folder_images(f, s)) for s, f in (('query', query), ('gallery', gallery))}
+    rows, n_junk, no_cams = [], 0, False
+    names = sorted({k for _, d in parts.values() for k in d if k})
+    numeric = all(n.lstrip('-').isdigit() for n in names)
+    vocab = {n: (int(n) if numeric else i + 1) for i, n in enumerate(names)}
+    for split, (folder, d) in parts.items():
+        for sub, files in d.items():
+            parsed = [_parse_name(f) for f in files]
+            if not sub:
+                bad = [f for f, p in zip(files, parsed) if p is None]
+                if bad:
+                    raise ReIDInputError(
+                        f"cannot tell who is in the {split} images of {folder}: names such as {bad[0]!r} match no known pattern "
+                        f"(Market-1501 PPPP_cCsS_FFFFFF_BB.jpg, DukeMTMC PPPP_cC_fFFFFFFF.jpg, CUHK03-NP PPPP_cC_XX.png). "
+                        f"Evaluation needs each image's person id (and camera): rename them so, or put each person's images "
+                        f"in a subfolder named by the id ({split}/0001/*.jpg); to look people up without labels use GalleryIndex")
+                for f, (pid, cam) in zip(files, parsed):
+                    if pid == -1: n_junk += 1; continue   # Market-1501's junk, as `market1501_df` drops it
+                    rows.append((str(folder/f), pid, cam, split))
+            else:
+                for f, p in zip(files, parsed):
+                    if p is None: no_cams = True
+                    rows.append((str(folder/sub/f), vocab[sub], p[1] if p else None, split))
+    df = pd.DataFrame(rows, columns=['path', 'pid', 'camid', 'split'])
+    if no_cams:
+        warnings.warn(f"no camera information in {parts['query'][0]} / {parts['gallery'][0]} (file names are not Market-style): "
+                      "query images get camera 0 and gallery images camera 1, so every gallery image of the same person counts as a match")
+        df['camid'] = (df['split'] == 'gallery').astype('int64')
+    df = df.astype({'path': str, 'pid': 'int64', 'camid': 'int64', 'split': str})
+    df.attrs.update(source='folders', root=f"{parts['query'][0]} + {parts['gallery'][0]}", n_junk=n_junk,
+                    **({} if numeric else {'pid_names': names}))
+    return check_reid_df(df)
+
+def _test_only_folder(root:Path):
+    "(query, gallery) folders of a dataset folder without a training folder (a test set only), else None"
+    if not root.is_dir() or (root/'bounding_box_train').is_dir() or (root/'train').is_dir(): return None
+    q, g = root/'query', next((root/d for d in _GALLERY_DIRS if (root/d).is_dir()), None)
+    if q.is_dir() and g is not None: return q, g
+    if q.is_dir() or g is not None:
+        has, lacks = ('query/', 'a gallery folder (bounding_box_test/ or gallery/)') if q.is_dir() else (f"{g.name}/", 'query/')
+        raise ReIDInputError(f"the dataset {root} has no {'gallery' if q.is_dir() else 'query'} images: it has {has} but not "
+                             f"{lacks}; a test set needs query images to search with and gallery images to search in")
+    return None
+
+def query_gallery_df(data=None, # a dataset folder (any layout `reid_df` knows, or query/ + bounding_box_test/ or gallery/ alone), a CSV or a table
+                     query=None, # or: a folder of query images ...
+                     gallery=None, # ... and a folder of gallery images (see `folders_query_gallery_df`)
+                    ) -> pd.DataFrame:
+    "The query and gallery rows of a dataset (queries first; training rows are ignored), with clear errors when one is missing"
+    if data is not None and (query is not None or gallery is not None):
+        raise ReIDInputError("give either a dataset (data / --data) or a query and a gallery folder (--query, --gallery), not both")
+    if data is None:
+        if query is None or gallery is None:
+            raise ReIDInputError(f"no {'gallery' if gallery is None else 'query'} folder: give both a query and a gallery folder "
+                                 f"(--query DIR --gallery DIR), or a dataset (--data PATH)" if (query, gallery) != (None, None)
+                                 else "no test data: give a dataset (--data PATH) or a query and a gallery folder (--query DIR --gallery DIR)")
+        df, name = folders_query_gallery_df(query, gallery), f"the folders {query} + {gallery}"
+    elif isinstance(data, pd.DataFrame): df, name = check_reid_df(data), 'the table'
+    else:
+        root = Path(data).expanduser()
+        if not root.exists(): raise ReIDInputError(f"dataset {root} does not exist: give a dataset folder or a CSV (path,pid,camid,split)")
+        pair = _test_only_folder(root)
+        df = folders_query_gallery_df(*pair) if pair else (csv_df(root) if root.suffix.lower() == '.csv' else reid_df(root))
+        name = f"the dataset {root}"
+    counts = df['split'].value_counts()
+    found = ', '.join(f"{s} {int(counts.get(s, 0)):,}" for s in ('train', 'query', 'gallery')) + ' images'
+    for s in ('query', 'gallery'):
+        if not counts.get(s, 0):
+            raise ReIDInputError(f"{name} has no {s} images (found {found}): a test set needs query images to search with and "
+                                 f"gallery images to search in (split 'query' and 'gallery'; in a Market layout query/ and "
+                                 f"bounding_box_test/)")
+    res = pd.concat([df[df['split'] == 'query'], df[df['split'] == 'gallery']], ignore_index=True)
+    res.attrs.update(df.attrs, name=name, n_train_ignored=int(counts.get('train', 0)))
+    return res
+
+# %% ../nbs/00_data.ipynb #4fa7f59f
+def items_table(files_or_df) -> pd.DataFrame:
+    "A table (path, pid, camid) of images: a folder (searched recursively), image files, or a table with a path column"
+    if isinstance(files_or_df, pd.DataFrame):
+        if 'path' not in files_or_df.columns: raise ReIDInputError("the image table needs a 'path' column (pid and camid are optional)")
+        df = files_or_df.reset_index(drop=True)
+        paths = df['path'].astype(str).tolist()
+        pids = df['pid'].astype('int64').tolist() if 'pid' in df.columns else [-1] * len(df)
+        cams = df['camid'].astype('int64').tolist() if 'camid' in df.columns else [-1] * len(df)
+    else:
+        if isinstance(files_or_df, (str, os.PathLike)): files_or_df = [files_or_df]
+        paths = []
+        for f in files_or_df:
+            f = Path(f).expanduser()
+            if f.is_dir():
+                found = sorted(str(Path(r)/n) for r, _, ns in os.walk(f) for n in ns if n.lower().endswith(IMAGE_EXTS))
+                if not found: raise ReIDInputError(f"folder {f} holds no images ({'/'.join(e[1:] for e in IMAGE_EXTS)}, searched recursively)")
+                paths += found
+            elif f.is_file(): paths.append(str(f))
+            else: raise ReIDInputError(f"image {f} does not exist")
+        parsed = [_parse_name(Path(p).name) or (-1, -1) for p in paths]
+        pids, cams = [p for p, _ in parsed], [c for _, c in parsed]
+    if not paths: raise ReIDInputError("no images given")
+    return pd.DataFrame({'path': paths, 'pid': pd.Series(pids, dtype='int64'), 'camid': pd.Series(cams, dtype='int64')})
+

@@ -21,7 +21,7 @@ from .augment import reid_item_tfms, reid_batch_tfms, reid_device_tfms
 # %% auto #0
 __all__ = ['CACHE_VERSION', 'PIPELINES', 'check_pk', 'balanced_batches', 'ReIDTestDL', 'ReIDBalancedDL', 'reid_cache_dir',
            'BadImagesError', 'decode_images', 'place_images', 'CachedItems', 'CachedBatches', 'ReIDCachedTestDL',
-           'ReIDCachedBalancedDL', 'LoadImage', 'ReIDDataLoaders', 'pick_pipeline', 'reid_dataloaders']
+           'ReIDCachedBalancedDL', 'LoadImage', 'ReIDDataLoaders', 'reid_test_dl', 'pick_pipeline', 'reid_dataloaders']
 
 # %% ../nbs/00b_loaders.ipynb #9951f161
 def check_pk(p:int, k:int, labels) -> None:
@@ -332,6 +332,19 @@ def _attr_matrix(attributes:pd.DataFrame, pids):
     return a.values.astype('int64'), list(a.columns), [int(n_cls.get(c, attributes[c].max() + 1)) for c in a.columns]
 
 
+# %% ../nbs/00b_loaders.ipynb #99cacfcd
+def reid_test_dl(df:pd.DataFrame, # a table with columns path, pid, camid, in the order the features should come
+                size, # (height, width) the images are resized to
+                stats, # normalisation (mean, std), 0-1 scale
+                bs:int=128, # images per batch
+                num_workers:int=0, # loader processes
+               ) -> ReIDTestDL:
+    "A test-time loader over `df` (resize, to tensor, normalise; no augmentation), in order"
+    items = list(zip(df['path'].astype(str), df['pid'].astype('int64').tolist(), df['camid'].astype('int64').tolist()))
+    ds = Datasets(items, [[ItemGetter(0), LoadImage()], [ItemGetter(1)], [ItemGetter(2)]], n_inp=1, split_idx=1)
+    return ReIDTestDL(ds, bs=bs, shuffle=False, drop_last=False, num_workers=num_workers,
+                      after_item=reid_item_tfms(tuple(size), train=False), after_batch=reid_batch_tfms(stats, train=False))
+
 # %% ../nbs/00b_loaders.ipynb #a91ce40e
 PIPELINES = ('auto', 'pil', 'cached')
 
@@ -357,13 +370,10 @@ def _pil_loaders(train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, 
     if attrs is not None:
         train_items = [it + (torch.from_numpy(r),) for it, r in zip(train_items, attrs)]
         tfms.append([ItemGetter(3)])
-    test_items = list(zip(test_df.path, test_df.pid.tolist(), test_df.camid.tolist()))
     train_ds = Datasets(train_items, tfms, n_inp=1, split_idx=0)
-    test_ds = Datasets(test_items, [[ItemGetter(0), LoadImage()], [ItemGetter(1)], [ItemGetter(2)]], n_inp=1, split_idx=1)
     train = ReIDBalancedDL(train_ds, p=p, k=k, labels=train_df.label.values, vocab=vocab, seed=seed, num_workers=num_workers,
                            after_item=reid_item_tfms(size, **aug), after_batch=reid_batch_tfms(stats, **erase))
-    valid = ReIDTestDL(test_ds, bs=test_bs, shuffle=False, drop_last=False, num_workers=num_workers,
-                       after_item=reid_item_tfms(size, train=False), after_batch=reid_batch_tfms(stats, train=False))
+    valid = reid_test_dl(test_df, size, stats, bs=test_bs, num_workers=num_workers)
     return train, valid
 
 def _cached_loaders(train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs, device, cache_dir, workers):

@@ -17,7 +17,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from reid_fastai.losses import ReIDLoss, TripletLoss, CenterLoss, CameraBias
 from reid_fastai.callbacks import CenterLossOptimizer, CameraBiasSchedule, NaNStop, SkipValidation, TimeBudget, camera_biases
-from reid_fastai.learner import reid_opt_func
+from reid_fastai.optim import reid_opt_func
 from reid_fastai.models import ReIDNet
 from reid_fastai.data import reid_df
 from reid_fastai.loaders import reid_dataloaders

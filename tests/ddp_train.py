@@ -30,7 +30,9 @@ def main(argv=None):
     from fastai.torch_core import set_seed
     from reid_fastai import data as reid_data
     from reid_fastai.loaders import reid_dataloaders
-    from reid_fastai.learner import reid_learner, get_recipe, TrainTimer
+    from reid_fastai.learner import reid_learner
+    from reid_fastai.recipes import get_recipe
+    from reid_fastai.train import TrainTimer
     from reid_fastai.callbacks import ReIDCheckpoint, resume_from, latest_checkpoint, camera_biases, center_loss_terms
     from reid_fastai.evaluation import evaluate_reid
     from reid_fastai.distributed import (setup_distributed, distributed_context, is_main_process, get_rank, get_world_size,

@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 
 from reid_fastai.data import make_demo_dataset, reid_df
-from reid_fastai.learner import reid_train, recipe_model
-from reid_fastai import inference as inf
-from reid_fastai.inference import (ReIDInputError, load_reid_model, load_checkpoint_weights, evaluate_model, GalleryIndex,
-                                   export_onnx, check_onnx)
+from reid_fastai.train import reid_train
+from reid_fastai.recipes import recipe_model
+from reid_fastai.data import ReIDInputError
+from reid_fastai.model_io import load_reid_model, load_checkpoint_weights
+from reid_fastai.model_eval import evaluate_model
+from reid_fastai.gallery import GalleryIndex, have_faiss
+from reid_fastai.onnx_export import export_onnx, check_onnx, have_onnx, onnx_session
 
 REPO = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, '-c', 'from reid_fastai.cli import reid_eval_cli; reid_eval_cli()']
@@ -123,11 +126,11 @@ def test_checkpoint_results_json_rebuilds_the_model(run, data):
     assert a['mAP'] == pytest.approx(b['mAP'], abs=1e-6) and a['R1'] == pytest.approx(b['R1'], abs=1e-6)
 
 
-@pytest.mark.skipif(not inf.have_onnx(), reason='needs pip install onnx onnxruntime')
+@pytest.mark.skipif(not have_onnx(), reason='needs pip install onnx onnxruntime')
 def test_onnx_dynamic_batch(run, data, tmp_path):
     "The exported graph runs at two batch sizes and matches PyTorch on real images"
     f = export_onnx(run/'export.pkl', tmp_path/'m.onnx')
-    sess = inf.onnx_session(f)
+    sess = onnx_session(f)
     assert sess.get_inputs()[0].shape == ['batch', 3, 32, 16]
     files = reid_df(data[1]).path[:5].tolist()
     check = check_onnx(f, run/'export.pkl', files, batch_sizes=(1, 5), repeat=1)
@@ -143,12 +146,13 @@ def test_search_backends_agree_and_torch_fallback(monkeypatch):
     idx = GalleryIndex.from_features(torch.randn(3000, 32, generator=g))
     q = torch.randn(17, 32, generator=g)
     ref = idx.search(q, k=7, backend='torch', chunk_size=500)
-    if inf.have_faiss():
+    if have_faiss():
         for metric in ('euclidean', 'cosine'):
             a, b = idx.search(q, k=7, backend='faiss', metric=metric), idx.search(q, k=7, backend='torch', metric=metric)
             assert a['index'].tolist() == b['index'].tolist()
             np.testing.assert_allclose(a['distance'], b['distance'], atol=1e-4)
-    monkeypatch.setattr(inf, 'have_faiss', lambda: False)
+    import reid_fastai.gallery as gallery_mod
+    monkeypatch.setattr(gallery_mod, 'have_faiss', lambda: False)
     assert idx.search(q, k=7).attrs['backend'] == 'torch'
     assert idx.search(q, k=7)['index'].tolist() == ref['index'].tolist()
     with pytest.raises(ReIDInputError, match='pip install faiss-cpu'): idx.search(q, backend='faiss')

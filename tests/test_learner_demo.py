@@ -4,7 +4,7 @@ It is deliberately NOT marked slow or skipped: CI runs it. Set REID_SKIP_DEMO_TR
 import importlib.util, json, os, time
 import pytest
 
-from reid_fastai.learner import reid_train, DEMO_PRESET
+from reid_fastai.train import reid_train, DEMO_PRESET
 
 # Measured on the shared 2-core dev box (EfficientNet-Lite0 ImageNet weights, 64x32, 2026-12-02): R1 0.34-0.38,
 # mAP 0.24-0.28 after 6 epochs; chance is ~0.02. From scratch (package missing) small nets reached only R1 ~0.08 in this budget.

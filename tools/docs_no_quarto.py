@@ -74,7 +74,7 @@ def make_readme(force=False):
     md, _ = _exporter(MarkdownExporter).from_notebook_node(nb)
     md = re.sub(r'\n{3,}', '\n\n', md).strip() + '\n'
     # links between notebooks are relative to nbs/ (quarto turns them into pages); from the README they live in nbs/
-    md = re.sub(r'\]\((\d\d_\w+\.ipynb)\)', r'](nbs/\1)', md)
+    md = re.sub(r'\]\((\d\d[a-z]?_\w+\.ipynb)\)', r'](nbs/\1)', md)
     readme = cfg.config_path/'README.md'
     readme.write_text(md, encoding='utf-8')
     return readme
