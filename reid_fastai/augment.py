@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from PIL import Image
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, patch
 from fasttransform import Transform, Pipeline
 from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.vision.core import PILImage, TensorImage, imagenet_stats, ToTensor
@@ -156,30 +156,24 @@ def batch_equalize(x:Tensor) -> Tensor:
     return lut.view(-1).index_select(0, idx).view(n, c, h, w)
 
 # %% ../nbs/00a_augment.ipynb #fccdf380
-def _inverse_affine(angle, translate, shear, center) -> Tensor:
-    "`_get_inverse_affine_matrix` (scale 1) for `n` images at once, in float64: `[n, 6]`"
-    rot, sx, sy = angle * (math.pi / 180), shear[0] * (math.pi / 180), shear[1] * (math.pi / 180)
-    (cx, cy), (tx, ty) = center, translate
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
-    m0, m1, m3, m4 = d, -b, -c, a
-    return torch.stack([m0, m1, m0 * (-cx - tx) + m1 * (-cy - ty) + cx, m3, m4, m3 * (-cx - tx) + m4 * (-cy - ty) + cy], 1)
+def _floats(v, n:int) -> list:
+    "A number, or one value per image (tensor, list), as `n` Python floats"
+    return torch.as_tensor(v, dtype=torch.float64).cpu().expand(n).tolist()
 
 def batch_affine(x:Tensor, angle=0., translate=(0., 0.), shear=(0., 0.), center=None) -> Tensor:
     "`F.affine` per image on a uint8 batch: `angle` and `shear` in degrees, `translate` and `center` (default: the image centre) in pixels; nearest, fill 0"
+    from torchvision.transforms.functional import _get_inverse_affine_matrix
     n, c, h, w = x.shape
-    f = lambda v: torch.as_tensor(v, dtype=torch.float64).cpu().expand(n)
-    center = (f(0.), f(0.)) if center is None else (f(center[0]) - w * 0.5, f(center[1]) - h * 0.5)
-    theta = _inverse_affine(f(angle), [f(t) for t in translate], [f(s) for s in shear], center).float().view(n, 2, 3)
-    theta = _to(theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h]), x.device)[:, :, :, None]   # [n, 3, 2, 1]
+    a, (tx, ty), (sx, sy) = _floats(angle, n), [_floats(t, n) for t in translate], [_floats(s, n) for s in shear]
+    cx, cy = ([0.] * n, [0.] * n) if center is None else ([v - w * 0.5 for v in _floats(center[0], n)], [v - h * 0.5 for v in _floats(center[1], n)])
+    theta = torch.tensor([_get_inverse_affine_matrix([cx[i], cy[i]], a[i], [tx[i], ty[i]], 1., [sx[i], sy[i]]) for i in range(n)])
+    theta = _to(theta.view(n, 2, 3).transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h]), x.device)[:, :, :, None]   # [n, 3, 2, 1]
     gx = torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=x.device)
     gy = torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=x.device)
     if x.is_cuda:  # `_gen_affine_grid` as it is: the base grid times theta with (cuBLAS) bmm
         base = torch.stack([gx.repeat(h), gy.repeat_interleave(w), torch.ones(h * w, device=x.device)], 1)
         grid = base.expand(n, h * w, 3).bmm(theta[..., 0]).view(n, h, w, 2)
-    else:          # the same sums in bmm's order, (x*t0 + y*t1) + t2, planar so that they vectorise
+    else:          # the sums of MKL's bmm on AMD, (x*t0 + y*t1) + t2, planar so that they vectorise
         grid = (gx.repeat(h) * theta[:, 0] + gy.repeat_interleave(w) * theta[:, 1] + theta[:, 2]).transpose(1, 2).view(n, h, w, 2)
     v = x.to(torch.int32)
     v = ((v[:, 0] << 16) | (v[:, 1] << 8) | v[:, 2]).float()[:, None]
@@ -192,13 +186,15 @@ def batch_rotate(x:Tensor, angle) -> Tensor:
     "`F.rotate` per image: `angle` degrees anticlockwise about the centre, nearest, fill 0"
     return batch_affine(x, angle=-torch.as_tensor(angle, dtype=torch.float64))
 
-def _shear_deg(m): return torch.atan(torch.as_tensor(m, dtype=torch.float64)) * (180 / math.pi)
+def _shear_deg(m, n:int) -> list:
+    "AutoAugment's shear angle `math.degrees(math.atan(m))` per image, as `_apply_op` computes it"
+    return [math.degrees(math.atan(v)) for v in _floats(m, n)]
 def batch_shear_x(x:Tensor, m) -> Tensor:
     "AutoAugment's ShearX per image: `F.affine` with shear `degrees(atan(m))` along x, about the top-left corner"
-    return batch_affine(x, shear=(_shear_deg(m), 0.), center=(0., 0.))
+    return batch_affine(x, shear=(_shear_deg(m, len(x)), 0.), center=(0., 0.))
 def batch_shear_y(x:Tensor, m) -> Tensor:
     "AutoAugment's ShearY per image: `F.affine` with shear `degrees(atan(m))` along y, about the top-left corner"
-    return batch_affine(x, shear=(0., _shear_deg(m)), center=(0., 0.))
+    return batch_affine(x, shear=(0., _shear_deg(m, len(x))), center=(0., 0.))
 def batch_translate_x(x:Tensor, pixels) -> Tensor:
     "`F.affine` translation by `pixels` along x per image"
     return batch_affine(x, translate=(pixels, 0.))
@@ -301,20 +297,35 @@ class BatchPadCrop(Transform):
 
 # %% ../nbs/00a_augment.ipynb #65dae253
 class ReIDRandomErasing(Transform):
-    "Per-image random erasing of a normalised `TensorImage` batch (training only)"
+    "Per-image random erasing of a normalised `TensorImage` batch (training only), torchvision's way or BoT's"
     split_idx, order = 0, 100
-    def __init__(self, p:float=0.5, sl:float=0.02, sh:float=0.4, min_aspect:float=0.3, fill:str='random',
-                 inplace:bool=False): # erase in the batch itself (safe when a transform before made it, as in `reid_batch_tfms`)
-        if fill not in ('random', 'mean'): raise ValueError(f"fill must be 'random' or 'mean', got {fill!r}")
+    ratio, attempts = 'log', 10   # class defaults: an erasing pickled before these options existed loads as it was
+    def __init__(self, p:float=0.5, sl:float=0.02, sh:float=0.4, min_aspect:float=0.3,
+                 fill='random', # 'random' (normal noise), 'mean' (0: the mean colour once normalised) or one value per channel
+                 inplace:bool=False, # erase in the batch itself (safe when a transform before made it, as in `reid_batch_tfms`)
+                 ratio:str='log', # aspect ratio 'log'-uniform (torchvision) or 'uniform' (Zhong et al.'s code, BoT) in [min_aspect, 1/min_aspect]
+                 attempts:int=10): # rectangles tried per image before giving up (torchvision: 10, BoT: 100)
+        if isinstance(fill, str): ok = fill in ('random', 'mean')
+        else:
+            try: fill, ok = tuple(float(v) for v in fill), True
+            except (TypeError, ValueError): ok = False
+        if not ok: raise ValueError(f"fill must be 'random', 'mean' or one value per channel (BoT: (0.485, 0.456, 0.406)), got {fill!r}")
+        if ratio not in ('log', 'uniform'): raise ValueError(f"ratio must be 'log' (torchvision) or 'uniform' (BoT), got {ratio!r}")
+        if attempts != int(attempts) or attempts < 1: raise ValueError(f"attempts must be a whole number >= 1, got {attempts!r}")
         super().__init__(); store_attr()
 
-    def draw(self, n:int, size, attempts:int=10) -> dict:
+    def draw(self, n:int, size) -> dict:
         "Per image (CPU): `erase` [n] and the rectangle `i`, `j` (top-left), `h`, `w` (0 where not erased)"
         H, W = (int(s) for s in size)
-        lo, hi = sorted((math.log(self.min_aspect), -math.log(self.min_aspect)))
-        area = torch.empty(n, attempts).uniform_(self.sl, self.sh).double() * (H * W)
-        ar = torch.empty(n, attempts).uniform_(lo, hi).exp().double()
-        h, w = (area * ar).sqrt().round().long(), (area / ar).sqrt().round().long()
+        if self.ratio == 'log':   # torchvision's `get_params`, in float32 as it draws
+            lo, hi = sorted((math.log(self.min_aspect), -math.log(self.min_aspect)))
+            area = torch.empty(n, self.attempts).uniform_(self.sl, self.sh).double() * (H * W)
+            ar = torch.empty(n, self.attempts).uniform_(lo, hi).exp().double()
+        else:                     # BoT's `random.uniform(sl, sh) * area` and `random.uniform(r1, 1 / r1)`, in float64
+            u = torch.rand(n, self.attempts, 2, dtype=torch.float64)
+            area = (self.sl + (self.sh - self.sl) * u[..., 0]) * (H * W)
+            ar = self.min_aspect + (1 / self.min_aspect - self.min_aspect) * u[..., 1]
+        h, w = (area * ar).sqrt().round().long(), (area / ar).sqrt().round().long()   # half to even, as Python's `round`
         fits = (h < H) & (w < W)
         first = fits.int().argmax(1, keepdim=True)                       # the first attempt that fits
         erase = fits.any(1) & (torch.rand(n) < self.p)
@@ -323,29 +334,36 @@ class ReIDRandomErasing(Transform):
         i, j = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
         return dict(erase=erase, i=i * erase, j=j * erase, h=h, w=w)
 
-    def apply(self, x:Tensor, params:dict, v=None, inplace:bool=False) -> Tensor:
-        "Erase the rectangles of `params` with `v`: a number, or the values image by image, each `[C, h, w]` flattened (default: by `fill`)"
-        x = x.as_subclass(Tensor)
-        if not params['erase'].any(): return x
-        n, c, H, W = x.shape
-        if v is None and self.fill == 'mean': v = 0.
-        if v is None and not x.is_cuda:
-            # on the CPU: noise for just the erased pixels, written rectangle by rectangle (a full-size mask costs more)
-            if not inplace: x = x.clone()
-            for k in params['erase'].nonzero()[:, 0].tolist():   # CPU tensors: no device involved
-                i_, j_, h_, w_ = (int(params[n_][k]) for n_ in 'ijhw')
-                x[k, :, i_:i_ + h_, j_:j_ + w_] = torch.randn(c, h_, w_, dtype=x.dtype)
-            return x
-        i, j, h, w = _to(torch.stack([params[k] for k in 'ijhw']), x.device)[..., None]   # h = w = 0: not erased
-        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-        mask = (((ys >= i) & (ys < i + h))[:, :, None] & ((xs >= j) & (xs < j + w))[:, None, :])[:, None]
-        if v is None: return torch.where(mask, torch.randn_like(x), x)   # on the GPU: cheap, and no host-side sizes
-        if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill_(mask, v) if inplace else x.masked_fill(mask, v)
-        return x.masked_scatter(mask, _to(v.to(x.dtype), x.device))
-
     def encodes(self, x:TensorImage):
         if self.p <= 0: return x
         return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:]), inplace=self.inplace))
+
+# %% ../nbs/00a_augment.ipynb #6802f965
+@patch
+def apply(self:ReIDRandomErasing, x:Tensor, params:dict, v=None, inplace:bool=False) -> Tensor:
+    "Erase the rectangles of `params` with `v`: a number, or the values image by image, each `[C, h, w]` flattened (default: by `fill`)"
+    x = x.as_subclass(Tensor)
+    if not params['erase'].any(): return x
+    n, c, H, W = x.shape
+    if v is None and self.fill == 'mean': v = 0.
+    if v is None and self.fill == 'random' and not x.is_cuda:
+        # on the CPU: noise for just the erased pixels, written rectangle by rectangle (a full-size mask costs more)
+        if not inplace: x = x.clone()
+        for k in params['erase'].nonzero()[:, 0].tolist():   # CPU tensors: no device involved
+            i_, j_, h_, w_ = (int(params[n_][k]) for n_ in 'ijhw')
+            x[k, :, i_:i_ + h_, j_:j_ + w_] = torch.randn(c, h_, w_, dtype=x.dtype)
+        return x
+    i, j, h, w = _to(torch.stack([params[k] for k in 'ijhw']), x.device)[..., None]   # h = w = 0: not erased
+    ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+    mask = (((ys >= i) & (ys < i + h))[:, :, None] & ((xs >= j) & (xs < j + w))[:, None, :])[:, None]
+    if v is None and self.fill == 'random': return torch.where(mask, torch.randn_like(x), x)   # on the GPU: cheap
+    if v is None:             # one constant per channel (BoT)
+        if len(self.fill) != c: raise ValueError(f"fill has {len(self.fill)} values for a batch of {c} channels: give one per channel")
+        if not inplace: x = x.clone()
+        for ch, val in enumerate(self.fill): x[:, ch].masked_fill_(mask[:, 0], val)
+        return x
+    if not torch.is_tensor(v) or v.ndim == 0: return x.masked_fill_(mask, v) if inplace else x.masked_fill(mask, v)
+    return x.masked_scatter(mask, _to(v.to(x.dtype), x.device))
 
 # %% ../nbs/00a_augment.ipynb #60816fda
 def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pad:int=10, train:bool=True, aa_p:float=1.0) -> list:
@@ -372,16 +390,23 @@ class ToFloatNormalize(Transform):
         m, s = (t.to(x.device) for t in (self.mean, self.std))
         return TensorImage(((x.as_subclass(Tensor) * s + m).clamp(0., 1.) * 255).long())
 
+_ERASE_STYLES = {'torchvision': dict(ratio='log', attempts=10), 'bot': dict(ratio='uniform', attempts=100)}
+
 def reid_batch_tfms(stats=imagenet_stats, # normalisation (mean, std), 0-1 scale
                     erase_p:float=0.5, # probability of random erasing per training image
                     train:bool=True, # the training pipeline (with erasing) or the test one
-                    erase_fill:str='random', # erase with normal noise ('random', Zhong et al.) or the mean ('mean', BoT)
+                    erase_fill:str='random', # normal noise ('random', Zhong et al.), 0 ('mean': the mean colour) or 'bot' (the values of `stats`' mean, as BoT)
                     fused:bool=False, # one `ToFloatNormalize` instead of fastai's `IntToFloatTensor` + `Normalize` (the cached path)
+                    erase_style:str='torchvision', # rectangles as 'torchvision' draws them (log-uniform aspect, 10 attempts) or 'bot' (uniform, 100)
                    ) -> list:
     "Batch transforms: to float, normalise with `stats` (+ per-image random erasing for training)"
+    if erase_style not in _ERASE_STYLES: raise ValueError(f"erase_style must be one of {list(_ERASE_STYLES)}, got {erase_style!r}")
+    if erase_fill not in ('random', 'mean', 'bot'): raise ValueError(f"erase_fill must be 'random', 'mean' or 'bot', got {erase_fill!r}")
     tfms = [ToFloatNormalize(*stats)] if fused else [IntToFloatTensor(), Normalize.from_stats(*stats)]
+    if not (train and erase_p > 0): return tfms
+    fill = tuple(float(m) for m in stats[0]) if erase_fill == 'bot' else erase_fill   # BoT writes its PIXEL_MEAN, the normalisation mean
     # erasing in place: the float conversion just before made the batch, nobody else holds it
-    return tfms + [ReIDRandomErasing(p=erase_p, fill=erase_fill, inplace=True)] if train and erase_p > 0 else tfms
+    return tfms + [ReIDRandomErasing(p=erase_p, fill=fill, inplace=True, **_ERASE_STYLES[erase_style])]
 
 def reid_device_tfms(size=(256, 128), auto_augment:bool=True, aa_p:float=1.0, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
     "The batched `reid_item_tfms` for uint8 batches from a decoded cache: resize (+ AutoAugment, flip, pad-and-crop for training)"

@@ -415,7 +415,8 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
                      auto_augment:bool=True, # AutoAugment (ImageNet policy) on training images
                      aa_p:float=1.0, # probability that a training image gets AutoAugment at all
                      erase_p:float=0.5, # probability of random erasing per training image
-                     erase_fill:str='random', # erase with normal noise ('random') or the mean ('mean', as BoT)
+                     erase_fill:str='random', # erase with normal noise ('random'), 0 ('mean': the mean colour) or 'bot' (the mean of `stats`, as BoT)
+                     erase_style:str='torchvision', # erased rectangles as 'torchvision' draws them (log-uniform aspect, 10 tries) or 'bot' (uniform, 100)
                      flip_p:float=0.5, # probability of a horizontal flip per training image
                      pad:int=10, # zero-pad by `pad` pixels and crop back at a random position (0: off)
                      test_bs:int=128, # batch size of the query/gallery loader
@@ -433,6 +434,8 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     _args = {k: v for k, v in locals().items() if k != 'df'}
     check_reid_df(df)
     if bad_images not in ('error', 'skip'): raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
+    erase = dict(erase_p=erase_p, erase_fill=erase_fill, erase_style=erase_style)
+    reid_batch_tfms(stats, **erase)   # bad erasing flags fail now, not after the images are checked or decoded
     pipeline = pick_pipeline(pipeline, len(df), size)
     if pipeline == 'pil' and check_images:   # find every bad file now, not at some batch of some epoch
         df = _drop_bad(df, verify_images(df, ifnone(num_workers, available_cpus()) or 1), bad_images)
@@ -448,7 +451,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     device = torch.device(ifnone(device, default_device()))
     _warn_shared_ids(train_df, parts)
     test_df = pd.concat([parts['query'], parts['gallery']], ignore_index=True)
-    aug, erase = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad), dict(erase_p=erase_p, erase_fill=erase_fill)
+    aug = dict(auto_augment=auto_augment, aa_p=aa_p, flip_p=flip_p, pad=pad)
     common = (train_df, test_df, vocab, attrs, p, k, seed, size, aug, erase, stats, test_bs)
     if pipeline == 'pil': train, valid = _pil_loaders(*common, ifnone(num_workers, min(8, available_cpus())))
     else:
@@ -458,4 +461,3 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
             return reid_dataloaders(_drop_bad(df, e.bad, 'skip'), **{**_args, 'bad_images': 'error'})
     return ReIDDataLoaders(train, valid, device=device, train_df=train_df, query_df=parts['query'], gallery_df=parts['gallery'],
                            attr_names=attr_names, n_attrs=n_attrs, pipeline=pipeline, size=tuple(size), stats=stats)
-
