@@ -53,7 +53,7 @@ _BOT_MODEL = dict(classifier='linear', last_stride=1, neck=True)
 _NO_TRICKS = dict(classifier='linear', last_stride=2, neck=False)
 # AutoAugment on 10% of the images (fast-reid's re-ID setting); the paper gives no probability, see the text above
 _PAPER_DATA = dict(erase_p=0.5, auto_augment=True, aa_p=0.1)
-_BOT_DATA = dict(erase_p=0.5, erase_fill='mean', auto_augment=False)
+_BOT_DATA = dict(erase_p=0.5, erase_style='bot', erase_fill='bot', auto_augment=False)  # BoT's RandomErasing, see `ReIDRandomErasing`
 
 def _r(name, description, terms, model=_BOT_MODEL, loss=None, data=_PAPER_DATA, **kw):
     return Recipe(name, description, dict(terms), dict(model), {"label_smooth": 0.1, **(loss or {})}, dict(data), **kw)
@@ -70,8 +70,8 @@ _TABLE2 = [  # row, description, data flags, model, label smoothing (cumulative,
 RECIPES = {r.name: r for r in [
     _r('softmax', 'ID loss only: plain softmax cross-entropy (no LS) on the BNNeck classifier', {'id': 1.},
        loss=dict(label_smooth=0.)),
-    _r('bot', 'BoT (Luo et al. 2019) as published: ID+LS + triplet 0.3 + centre 0.0005, warmup from 3.5e-6, RE filled with '
-       'the mean, no AutoAugment. Differs: RE fills 0 after normalisation (the ImageNet mean), BoT wrote CIFAR means there; '
+    _r('bot', 'BoT (Luo et al. 2019) as published: ID+LS + triplet 0.3 + centre 0.0005, warmup from 3.5e-6, RE as BoT does it '
+       '(aspect ratio uniform in [0.3, 3.33], 100 tries, the normalisation mean written into the normalised image), no AutoAugment; '
        'the evaluation adds flip TTA unless flip=False',
        {'id': 1., 'triplet': 1., 'center': 0.0005}, data=_BOT_DATA, warmup_factor=0.01),
     _r('paper', 'the paper: class-wise circle with LS (cosine classifier) + batch-hard triplet + centre 0.005, RE + AutoAugment on 10%',
