@@ -22,7 +22,8 @@ def processed_notebooks(force=False):
     "Run nbdev's docs processors over `nbs/` into `_proc/`; return the processed notebook paths"
     cfg = get_config()
     proc_nbs(force=force, n_workers=0)
-    return sorted((cfg.config_path/'_proc').glob('*.ipynb'))
+    sources = {p.name for p in cfg.nbs_path.glob('*.ipynb')}   # `_proc/` keeps notebooks that were renamed or deleted since
+    return sorted(p for p in (cfg.config_path/'_proc').glob('*.ipynb') if p.name in sources)
 
 def _frontmatter(nb):
     "Split the raw YAML frontmatter cell nbdev adds from the rest of the notebook"
@@ -51,15 +52,20 @@ def _exporter(cls, **kw):
     ex.register_preprocessor(TagRemovePreprocessor(remove_input_tags={'remove_input'}), enabled=True)
     return ex
 
+def _html_links(body:str) -> str:
+    "Links between notebooks point to their pages, as quarto makes them (`05b_learner.ipynb#x` -> `05b_learner.html#x`)"
+    return re.sub(r'href="(\d\d[a-z]?_\w+|index)\.ipynb(#[^"]*)?"', r'href="\1.html\2"', body)
+
 def render_html(out_dir='_docs_html', force=False):
     "Render every processed notebook to a standalone HTML page in `out_dir`"
     out = Path(get_config().config_path/out_dir); out.mkdir(exist_ok=True)
+    for old in out.glob('*.html'): old.unlink()   # pages of notebooks renamed or deleted since the last render
     exporter = _exporter(HTMLExporter, template_name='lab')
     for p in processed_notebooks(force=force):
         nb = _echo_false(nbformat.read(p, as_version=4))
         nb.cells = _title_cells(_frontmatter(nb), cells=nb.cells)
         body, _ = exporter.from_notebook_node(nb)
-        (out/f'{p.stem}.html').write_text(body, encoding='utf-8')
+        (out/f'{p.stem}.html').write_text(_html_links(body), encoding='utf-8')
     return out
 
 def make_readme(force=False):
