@@ -301,19 +301,19 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
 
 # %% ../nbs/05_learner.ipynb #0fbf4ba8
 def recipe_schedule(recipe, n_epoch:int|None=None, scale_schedule:bool=True) -> dict:
-    "The `fit_warmup_multistep` arguments of `recipe` for `n_epoch` epochs (warmup/milestones scaled if asked)"
+    "The `fit_warmup_multistep` arguments of `recipe` for `n_epoch` epochs (warmup and milestones in proportion if asked)"
     r = get_recipe(recipe)
     n = ifnone(n_epoch, r.n_epoch)
     s = n / r.n_epoch if scale_schedule else 1.
-    return dict(n_epoch=n, warmup_epochs=max(1, round(r.warmup_epochs * s)) if r.warmup_epochs else 0,
-                warmup_factor=r.warmup_factor, milestones=tuple(max(1, round(m * s)) for m in r.milestones), gamma=r.gamma)
+    return dict(n_epoch=n, warmup_epochs=r.warmup_epochs * s, warmup_steps=max(1, math.ceil(r.warmup_epochs)) if r.warmup_epochs else None,
+                warmup_factor=r.warmup_factor, milestones=tuple(m * s for m in r.milestones), gamma=r.gamma)
 
 @patch
-def fit_recipe(self:Learner, n_epoch:int|None=None, # epochs (default: the recipe's, 120)
+def fit_recipe(self:Learner, n_epoch:int|None=None, # epochs (default: the recipe's, 120); the schedule is rescaled to them
                lr:float|None=None, # peak learning rate (default: `learn.lr`)
                cbs=None, start_epoch:int=0, # `start_epoch` as returned by `resume_from`
                scale_schedule:bool=True, per_iter:bool=False):
-    "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`)"
+    "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`), scaled to `n_epoch` by iteration"
     sched = recipe_schedule(getattr(self, 'recipe', 'paper'), n_epoch, scale_schedule)
     self.fit_warmup_multistep(lr=ifnone(lr, self.lr), per_iter=per_iter, cbs=cbs, start_epoch=start_epoch, **sched)
 
@@ -430,7 +430,7 @@ def _say(msg): print(f"reid_train: {msg}", flush=True)
 def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` reads; default: the built-in demo data
                recipe:str='paper', # recipe name (`list_recipes()`)
                arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
-               epochs:int=None, # epochs (default: the recipe's, 120; demo: 6)
+               epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them
                out:str='runs/reid', # output folder: results.json, history.csv, curves.png, checkpoints/, export.pkl
                pretrained:str=None, # 'imagenet' (timm hub, resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2', a timm tag, a file or 'none' (default imagenet; demo lite0)
                p:int=None, # identities per batch (default 16; demo 8)
@@ -454,7 +454,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
                threads:int=None, # torch CPU threads (default on the CPU: the cores not already busy)
-               max_minutes:float=None, # stop cleanly, with a checkpoint, before this wall-clock budget; then `resume`
+               max_minutes:float=None, # wall-clock budget of the fit: trains the epochs that fit, schedule rescaled, last one evaluated
                quiet:bool=False, # print only the final result line
                progress:bool=None, # fastai's progress bar (default: when printing to a terminal; else one line per epoch)
                cbs=None, # more callbacks for `fit`
