@@ -61,10 +61,10 @@ class ProgressScheduler(ParamScheduler):
         if in_fit(self.learn): super().before_fit(); self.pos = None   # not for `get_preds` inside the fit
     def before_train(self):
         if self.pos is None: self.pos = self.epoch / self.n_epoch   # a fresh fit, or `start_epoch` without a checkpoint
-        self._step = (1 - self.pos) / max(1, (self.n_epoch - self.epoch) * len(self.dl))
+        self._inc = (1 - self.pos) / max(1, (self.n_epoch - self.epoch) * len(self.dl))
     def before_batch(self): self._update_val(min(self.pos, 1.))
     def after_batch(self):
-        super().after_batch(); self.pos += self._step
+        super().after_batch(); self.pos += self._inc
     def state_dict(self): return {'pos': self.pos}   # in checkpoints: a resumed run continues the curve where it was
     def load_state_dict(self, sd): self.pos = sd['pos']
 
