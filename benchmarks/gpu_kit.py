@@ -201,6 +201,8 @@ def plan(root=REPO, kit_root=None, out=sys.stdout) -> bool:
     for what, s in MINUTES: print(f"  {s // 60:2d}:{s % 60:02d}  {what}", file=out)
     print(f"  {total // 60:2d}:{total % 60:02d}  at most, leaving {(DEVICE_BUDGET - total) // 60}:{(DEVICE_BUDGET - total) % 60:02d} "
           f"(a 1-minute start leaves 1 more)", file=out)
+    print("  B may use what A left: timeout_s and --limit-s both min(600, lease.budget_left_s from A's reply - 45)", file=out)
+    print("  if A's smoke test failed, B fails the same way: do not run B; fix, rehearse, and rerun A only if time is left", file=out)
     if total > DEVICE_BUDGET: print("  OVER THE DEVICE BUDGET", file=out); ok = False
     print(f"\n{'the plan fits' if ok else 'FAIL: the plan does not fit or the kit is incomplete'}", file=out)
     return ok
@@ -311,7 +313,8 @@ def rehearse(a) -> bool:
     with tarfile.open(work/'demo.tar.xz', 'w:xz') as tf: tf.add(demo, arcname='Market-1501-v15.09.15')
     repack_without_junk(work/'demo.tar.xz', tree/KIT/'market'/'market1501_nojunk.tar.xz')
     (tree/KIT/'meta').mkdir(parents=True)
-    (tree/KIT/'meta'/'kit.json').write_text(json.dumps(dict(commit=git('rev-parse', 'HEAD').strip() + '-rehearsal', dirty=False)))
+    dirty = bool(git('status', '--porcelain').strip())
+    (tree/KIT/'meta'/'kit.json').write_text(json.dumps(dict(commit=git('rev-parse', 'HEAD').strip() + '-rehearsal', dirty=dirty)))
     # the device's python3: this interpreter without site-packages (-S), only the device's packages on the path
     pk = standin(work/'site-packages', device_packages(a.kinds), python)
     bin_.mkdir()
