@@ -101,7 +101,9 @@ def main():
     ap.add_argument('--repeat', type=int, default=5)
     ap.add_argument('--rerank-frac', type=float, default=1.0, help='fraction of queries and gallery for re-ranking (0 skips it)')
     ap.add_argument('--rerank-repeat', type=int, default=1)
+    ap.add_argument('--scale', type=float, default=1.0, help='fraction of the Market-1501 sizes (a quick check: 0.05)')
     ap.add_argument('--out', default=None, help='also write the report to this file')
+    ap.add_argument('--commit', default=None, help='git commit to record (a copy of the tree without .git)')
     args = ap.parse_args()
 
     device = torch.device('cuda' if args.device == 'auto' and torch.cuda.is_available() else
@@ -110,14 +112,19 @@ def main():
     lines = []
     def log(s=''):
         print(s, flush=True); lines.append(s)
+        if args.out:   # each line as it comes: a run stopped at a time limit keeps what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, 'w') as f: f.write('\n'.join(lines) + '\n')
 
     log(f"# reid_fastai evaluation speed, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    log(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
+    log(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}" + (f"; commit {args.commit}" if args.commit else ''))
     log(f"machine: nproc {os.cpu_count()}, CPU {cpu_model()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == 'cuda' else ''))
 
-    qf, gf, q_pids, g_pids, q_cams, g_cams = market_like()
+    s = args.scale
+    qf, gf, q_pids, g_pids, q_cams, g_cams = market_like(*(round(n * s) for n in (3368, 15913)), n_ids=max(10, round(750 * s)),
+                                                          n_distractors=round(2793 * s))
     log(f"data: {len(qf)} queries x {len(gf)} gallery, dim {qf.shape[1]}, {int((g_pids == 0).sum())} distractors")
     qf, gf, q_pids, g_pids, q_cams, g_cams = (t.to(device) for t in (qf, gf, q_pids, g_pids, q_cams, g_cams))
 
@@ -158,9 +165,8 @@ def main():
         b = evaluate_rank(compute_distmat(rq, rg), sub(q_pids, n_q), sub(g_pids, n_g), sub(q_cams, n_q), sub(g_cams, n_g))
         log(f"  -> euclidean R1 {b['R1']:.4f} mAP {b['mAP']:.4f}   re-ranked R1 {r['R1']:.4f} mAP {r['mAP']:.4f}")
     log(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, 'w') as f: f.write('\n'.join(lines) + '\n')
+    if args.out:   # rewritten as it goes: see `log`
+        pass
 
 
 if __name__ == '__main__': main()

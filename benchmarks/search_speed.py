@@ -60,6 +60,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='CPU threads for torch and faiss (default: the free cores)')
     p.add_argument('--chunk-size', type=int, default=None, help='torch: gallery rows per block (default: GalleryIndex.search\'s)')
     p.add_argument('--out', default=None, help='also write the report to this file')
+    p.add_argument('--commit', default=None, help='git commit to record (a copy of the tree without .git)')
     a = p.parse_args(argv)
     dev = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     n = a.n or (1_000_000 if dev.type == 'cuda' else 100_000)
@@ -96,7 +97,8 @@ def main(argv=None):
     lines = [f"# GalleryIndex.search: {n:,} x {a.dim}-d gallery (L2-normalised random), {a.queries} queries, top {a.k}",
              f"# date {datetime.datetime.now().isoformat(timespec='seconds')}; device {device_label(dev)}; "
              f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
-             f"command: python benchmarks/search_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}",
+             f"command: python benchmarks/search_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+             + (f"; commit {a.commit}" if a.commit else ''),
              f"# making the features: {make_s:.1f} s" + ''.join(f"; {k} {v} s" for k, v in once.items()),
              f"{'backend':8s} {'device':6s} {'median s':>9s} {'min s':>8s} {'max s':>8s} {'queries/s':>10s}  load (1 min)"]
     for r in rows:

@@ -6,12 +6,13 @@
     python benchmarks/train_market.py --demo --epochs 1                                  # smoke test on the demo data
 
 Without a path it uses `reid_fastai.data.market1501_path()` (env REID_MARKET1501 or the shared archive).
-Results go to `benchmarks/results/market_<recipe>_<arch>_<init>_<date>.json` (plus the run folder with checkpoints,
-curves.png and export.pkl under `runs/`); re-running with `--resume` continues an interrupted run.
+Results go to `benchmarks/results/market_<recipe>_<arch>_<init>_<N>ep_<date>.json`, N the epochs actually trained (a
+`--max-minutes` budget trains the epochs that fit, with the schedule scaled to them, and evaluates the last one), plus
+the run folder with checkpoints, curves.png and export.pkl under `runs/`; `--resume` continues an interrupted run.
 On a GPU the run uses bf16 autocast, channels-last, pinned memory and non-blocking copies (see `reid_learner`);
 `--compile` adds `torch.compile`.
 """
-import argparse, datetime, json, sys, time
+import argparse, datetime, json, shutil, sys, time
 from pathlib import Path
 
 import torch
@@ -45,11 +46,13 @@ def main(argv=None):
     ap.add_argument('--rerank', action='store_true')
     ap.add_argument('--resume', action='store_true')
     ap.add_argument('--pipeline', default='auto', choices=['auto', 'pil', 'cached'])
-    ap.add_argument('--max-minutes', type=float, default=None, help='stop cleanly (with a checkpoint) before this budget')
+    ap.add_argument('--max-minutes', type=float, default=None, help='time budget of the fit: the epochs that fit, schedule scaled, last one evaluated')
     ap.add_argument('--checkpoint-every', type=int, default=5)
     ap.add_argument('--quiet', action='store_true')
     ap.add_argument('--out', default=None, help='run folder (default runs/bench_<name>)')
     ap.add_argument('--results', default=str(REPO/'benchmarks'/'results'))
+    ap.add_argument('--curves', action='store_true', help='also copy curves.png beside the JSON record in --results')
+    ap.add_argument('--commit', default=None, help='git commit to record (default: the checkout\'s, where git works)')
     a = ap.parse_args(argv)
 
     if a.demo: data = reid_data.make_demo_dataset()
@@ -59,8 +62,8 @@ def main(argv=None):
     arch = a.arch or (f'tf_efficientnet_{a.init}' if a.init.startswith('lite') else 'resnet50')
     pretrained = {'scratch': 'none', 'timm': 'imagenet'}.get(a.init, a.init)
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M')
-    name = f"{'demo' if a.demo else 'market'}_{a.recipe}_{arch}_{a.init}_{a.epochs}ep"
-    out = Path(a.out or REPO/'runs'/f'bench_{name}')
+    run = f"{'demo' if a.demo else 'market'}_{a.recipe}_{arch}_{a.init}"
+    out = Path(a.out or REPO/'runs'/f'bench_{run}')
     t0 = time.perf_counter()
     res = reid_train(data=str(data), recipe=a.recipe, arch=arch, epochs=a.epochs, out=str(out), pretrained=pretrained,
                      p=a.p, k=a.k, size=tuple(a.size), eval_every=a.eval_every, resume=a.resume, seed=a.seed,
@@ -68,14 +71,17 @@ def main(argv=None):
                      rerank=a.rerank, device=a.device, pipeline=a.pipeline, max_minutes=a.max_minutes, checkpoint_every=a.checkpoint_every,
                      quiet=a.quiet)
     wall = time.perf_counter() - t0
-    summary = dict(name=name, date=stamp, wall_seconds=round(wall, 1), init=a.init,
+    name = f"{run}_{res['epochs']}ep"   # the epochs trained (and evaluated), not those asked
+    summary = dict(name=name, date=stamp, wall_seconds=round(wall, 1), init=a.init, epochs_asked=a.epochs,
                    torch=torch.__version__, cuda=torch.version.cuda,
-                   command=' '.join(sys.argv),
+                   command=' '.join(['python', 'benchmarks/train_market.py'] + list(sys.argv[1:] if argv is None else argv)),
                    **{k: res[k] for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'epochs', 'seconds', 'train_seconds',
                                           'images_per_s', 'device', 'git_commit', 'time_stop', 'history', 'config')})
+    if a.commit: summary['git_commit'] = a.commit
     results = Path(a.results); results.mkdir(parents=True, exist_ok=True)
     f = results/f'{name}_{stamp}.json'
     f.write_text(json.dumps(summary, indent=2, default=str))
+    if a.curves and (out/'curves.png').exists(): shutil.copy(out/'curves.png', results/f'{name}_{stamp}_curves.png')
     r1, mAP = res['R1'], res['mAP']
     print(f"{name}: R1 {r1:.4f}  mAP {mAP:.4f}  {res['images_per_s']} train images/s  wall {wall:.0f}s "
           f"on {res['device']} -> {f}" if r1 is not None else f"{name}: no evaluation (stopped early) -> {f}")

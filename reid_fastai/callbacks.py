@@ -26,46 +26,61 @@ from fastai.torch_core import get_model
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['sched_warmup_multistep', 'in_fit', 'SkipValidation', 'loss_terms', 'center_loss_terms', 'camera_biases',
-           'fused_step_skip', 'CenterLossOptimizer', 'stateful_callbacks', 'CameraBiasSchedule', 'ReIDEvalCallback',
-           'rng_states', 'set_rng_states', 'checkpoint_state', 'load_checkpoint_file', 'latest_checkpoint',
-           'ReIDCheckpoint', 'ResumeState', 'resume_from', 'TimeBudget', 'NaNStop', 'LossTermsRecorder',
-           'plot_loss_terms', 'DeviceSmoothLoss', 'LeanLogging', 'HostSyncLog', 'SyncProbe']
+__all__ = ['sched_warmup_multistep', 'ProgressScheduler', 'in_fit', 'SkipValidation', 'loss_terms', 'center_loss_terms',
+           'camera_biases', 'fused_step_skip', 'CenterLossOptimizer', 'stateful_callbacks', 'CameraBiasSchedule',
+           'ReIDEvalCallback', 'rng_states', 'set_rng_states', 'checkpoint_state', 'load_checkpoint_file',
+           'latest_checkpoint', 'ReIDCheckpoint', 'ResumeState', 'resume_from', 'TimeBudget', 'NaNStop',
+           'LossTermsRecorder', 'plot_loss_terms', 'DeviceSmoothLoss', 'LeanLogging', 'HostSyncLog', 'SyncProbe']
 
 # %% ../nbs/03_callbacks.ipynb #0087ff92
 def sched_warmup_multistep(lr, # peak learning rate (a float or an array, one per parameter group)
                            n_epoch:int, # total number of epochs of the fit
-                           warmup_epochs:int=10, # length of the linear warmup, in epochs
+                           warmup_epochs:float=10, # length of the linear warmup, in epochs (fractions allowed)
                            warmup_factor:float=0.1, # the warmup starts at `lr*warmup_factor`
-                           milestones=(40,70), # epochs (0-based) at which the rate is multiplied by `gamma`
+                           milestones=(40,70), # epochs (0-based, fractions allowed) at which the rate is multiplied by `gamma`
                            gamma:float=0.1, # decay factor at each milestone
-                           per_iter:bool=False, # ramp per iteration instead of per epoch during the warmup
-                           n_iter:int|None=None): # iterations per epoch; with `per_iter`, steps the ramp per batch
-    "A fastai schedule (`pos` in [0,1] -> lr): linear warmup from `lr*warmup_factor`, then x`gamma` at each milestone"
+                           per_iter:bool=False, # ramp per iteration instead of in stairs during the warmup
+                           n_iter:int|None=None, # iterations per epoch; with `per_iter`, steps the ramp per batch
+                           warmup_steps:int|None=None): # stairs of the warmup (default: one per warmup epoch)
+    "A fastai schedule (`pos` in [0,1] -> lr): linear warmup from `lr*warmup_factor` in stairs, then x`gamma` at each milestone"
     milestones = sorted(milestones)
-    eps = 1e-6 # `pct_train` is a running float sum: guard the floor against 2.9999999 for 3
+    stair = warmup_epochs / (warmup_steps or max(1, math.ceil(warmup_epochs))) if warmup_epochs else 1.
+    eps = 1e-6 # `pos` is a running float sum: guard the floor against 2.9999999 for 3
     def _inner(pos):
         t = pos*n_epoch # progress in (fractional) epochs
-        epoch = min(int(math.floor(t + eps)), n_epoch-1)
         if per_iter: w = math.floor(t*n_iter + eps)/n_iter if n_iter else t
-        else: w = epoch
-        warm = warmup_factor + (1-warmup_factor)*w/warmup_epochs if w < warmup_epochs else 1.
-        return lr * warm * gamma**bisect_right(milestones, epoch)
+        else: w = math.floor(t/stair + eps)*stair
+        warm = warmup_factor + (1-warmup_factor)*w/warmup_epochs if w < warmup_epochs - eps else 1.
+        return lr * warm * gamma**bisect_right(milestones, t + eps)
     return _inner
+
+# %% ../nbs/03_callbacks.ipynb #5c1e7a90
+class ProgressScheduler(ParamScheduler):
+    "fastai's `ParamScheduler` driven by the progress through the schedule: a change of `n_epoch` during the fit spreads the rest over the epochs left"
+    def before_fit(self):
+        if in_fit(self.learn): super().before_fit(); self.pos = None   # not for `get_preds` inside the fit
+    def before_train(self):
+        if self.pos is None: self.pos = self.epoch / self.n_epoch   # a fresh fit, or `start_epoch` without a checkpoint
+        self._inc = (1 - self.pos) / max(1, (self.n_epoch - self.epoch) * len(self.dl))
+    def before_batch(self): self._update_val(min(self.pos, 1.))
+    def after_batch(self):
+        super().after_batch(); self.pos += self._inc
+    def state_dict(self): return {'pos': self.pos}   # in checkpoints: a resumed run continues the curve where it was
+    def load_state_dict(self, sd): self.pos = sd['pos']
 
 # %% ../nbs/03_callbacks.ipynb #fcb26579
 @patch
 def fit_warmup_multistep(self:Learner, n_epoch=120, lr=3.5e-4, warmup_epochs=10, warmup_factor=0.1,
                          milestones=(40,70), gamma=0.1, per_iter=False, cbs=None, reset_opt=False, start_epoch=0,
-                         wd=None):
+                         wd=None, warmup_steps=None):
     "Fit `self.model` for `n_epoch` with a linear warmup to `lr` then x`gamma` at each of `milestones` (the BoT schedule)"
     if self.opt is None: self.create_opt()
     self.opt.set_hyper('lr', self.lr if lr is None else lr)
     lr = np.array([h['lr'] for h in self.opt.hypers])
     if len(lr) == 1: lr = float(lr[0])
     sched = sched_warmup_multistep(lr, n_epoch, warmup_epochs, warmup_factor, milestones, gamma,
-                                   per_iter=per_iter, n_iter=len(self.dls.train))
-    self.fit(n_epoch, cbs=ParamScheduler({'lr': sched})+L(cbs), reset_opt=reset_opt, wd=wd, start_epoch=start_epoch)
+                                   per_iter=per_iter, n_iter=len(self.dls.train), warmup_steps=warmup_steps)
+    self.fit(n_epoch, cbs=ProgressScheduler({'lr': sched})+L(cbs), reset_opt=reset_opt, wd=wd, start_epoch=start_epoch)
 
 # %% ../nbs/03_callbacks.ipynb #83ba81d9
 def in_fit(learn) -> bool:
@@ -438,31 +453,55 @@ def resume_from(learn, path='checkpoints', device=None) -> int:
 
 # %% ../nbs/03_callbacks.ipynb #abd36898
 class TimeBudget(Callback):
-    "Stop a fit after the epoch past which the next would overrun `max_minutes`, with a checkpoint to `--resume` from"
+    "Train the epochs that fit in `max_minutes`, evaluations included: `n_epoch` is re-planned after each training phase"
     order = 66 # after `ReIDCheckpoint` (65) in `after_epoch`
     def __init__(self, max_minutes:float, # wall-clock budget of the whole fit
                  clock=time.perf_counter): # seconds since some origin (a test can pass a fake one)
         self.max_minutes, self.clock = max_minutes, clock
     def before_fit(self):
-        if in_fit(self.learn): self.learn.time_stop, self._t0 = None, self.clock()
-    def before_epoch(self): self._te, self._trained = self.clock(), False
-    def before_train(self): self._trained = True   # not reached by the epochs a resumed run skips
+        if not in_fit(self.learn): return
+        self.learn.time_stop, self._t0, self.asked, self.plans = None, self.clock(), self.n_epoch, []
+        self._train, self._after = [], []   # seconds of each training phase; (seconds after it, evaluated?) of each epoch
+    def before_epoch(self): self._trained = False   # stays False for the epochs a resumed run skips
+    def before_train(self): self._trained, self._tb = True, self.clock()
+    def after_train(self):
+        self._ta = self.clock(); self._train.append(self._ta - self._tb)
+        if getattr(self.learn, 'nan_stop', None): return
+        n = self.plan(60 * self.max_minutes - (self._ta - self._t0))
+        if n != self.learn.n_epoch:
+            if not self.plans: print(f"TimeBudget: {n} of {self.asked} epochs fit in {self.max_minutes:g} minutes; the schedule is spread over them")
+            self.plans.append((self.epoch, n)); self.learn.n_epoch = n
     def after_epoch(self):
-        if not self._trained or getattr(self.learn, 'nan_stop', None) or self.epoch == self.n_epoch - 1: return
-        now = self.clock()
-        if now - self._t0 + (now - self._te) <= 60 * self.max_minutes: return
+        if not self._trained: return
+        hist = getattr(self.learn, 'reid_history', None) or []
+        self._after.append((self.clock() - self._ta, bool(hist) and hist[-1]['epoch'] == self.epoch))
+        if self.epoch < self.n_epoch - 1 or self.n_epoch >= self.asked: return
         cks = self.learn._grab_cbs(ReIDCheckpoint)
-        file = None
-        if cks:
-            ck = cks[0]
-            done = ck.saved and ck.saved[-1].name == f'{ck.fname}_{self.epoch + 1:03d}.pth'
-            file = ck.saved[-1] if done else ck.save(self.epoch)
-        minutes = (now - self._t0) / 60
-        self.learn.time_stop = dict(epoch=self.epoch, minutes=round(minutes, 2), checkpoint=str(file) if file else None)
-        print(f"TimeBudget: stopped after epoch {self.epoch + 1} of {self.n_epoch} ({minutes:.1f} of {self.max_minutes:g} "
-              f"minutes; the next epoch would not fit)" + (f"; resume from {file}" if file else ''))
+        file = cks[0].saved[-1] if cks and cks[0].saved else None
+        minutes = (self.clock() - self._t0) / 60
+        self.learn.time_stop = dict(epoch=self.epoch, epochs=self.epoch + 1, asked=self.asked, minutes=round(minutes, 2),
+                                    checkpoint=str(file) if file else None, plans=self.plans)
+        print(f"TimeBudget: trained {self.epoch + 1} of {self.asked} epochs in {minutes:.1f} of {self.max_minutes:g} minutes")
         raise CancelFitException()
 
+# %% ../nbs/03_callbacks.ipynb #abd36899
+@patch
+def plan(self:TimeBudget, left:float) -> int:
+    "The most epochs (this one at least, those asked at most) whose training and evaluations fit in `left` seconds"
+    e, tr = self.epoch, self._train
+    t_train = tr[-1] if len(tr) == 1 else float(np.median(tr[1:][-3:]))   # the first epoch pays one-off costs
+    plain, evals = [s for s, ev in self._after if not ev], [s for s, ev in self._after if ev]
+    t_rest = float(np.median(plain)) if plain else 0.   # after a training phase without evaluation: checkpoints, logs
+    ev_cb = next(iter(self.learn._grab_cbs(ReIDEvalCallback)), None)
+    if ev_cb is None: t_eval = 0.
+    elif evals: t_eval = max(0., float(np.mean(evals)) - t_rest)
+    else:   # no evaluation yet: the test images' share of an epoch's training time (forward only, twice with flip)
+        n_test, n_train = len(self.dls.valid.dataset), max(1, self.n_iter * (self.dls.train.bs or 1))
+        t_eval = t_train * n_test / n_train * (1. if ev_cb.flip else 0.5)
+    due = lambda j, n: ev_cb is not None and ((j + 1) % ev_cb.every == 0 or j == n - 1)
+    for n in range(self.asked, e, -1):
+        if (n - 1 - e) * (t_train + t_rest) + t_rest + t_eval * sum(due(j, n) for j in range(e, n)) <= left: return n
+    return e + 1
 
 # %% ../nbs/03_callbacks.ipynb #55a17ae6
 class NaNStop(Callback):

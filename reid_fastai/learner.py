@@ -101,11 +101,11 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
 
 # %% ../nbs/05b_learner.ipynb #0fbf4ba8
 @patch
-def fit_recipe(self:Learner, n_epoch:int|None=None, # epochs (default: the recipe's, 120)
+def fit_recipe(self:Learner, n_epoch:int|None=None, # epochs (default: the recipe's, 120); the schedule is rescaled to them
                lr:float|None=None, # peak learning rate (default: `learn.lr`)
                cbs=None, start_epoch:int=0, # `start_epoch` as returned by `resume_from`
                scale_schedule:bool=True, per_iter:bool=False):
-    "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`)"
+    "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`), scaled to `n_epoch` by iteration"
     sched = recipe_schedule(getattr(self, 'recipe', 'paper'), n_epoch, scale_schedule)
     self.fit_warmup_multistep(lr=ifnone(lr, self.lr), per_iter=per_iter, cbs=cbs, start_epoch=start_epoch, **sched)
 

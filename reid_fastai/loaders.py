@@ -349,17 +349,35 @@ def reid_test_dl(df:pd.DataFrame, # a table with columns path, pid, camid, in th
 PIPELINES = ('auto', 'pil', 'cached')
 
 def _free_ram() -> int|None:
+    "Memory that new allocations can have: MemAvailable (free + reclaimable caches), else the free pages"
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'): return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError): pass
     try: return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
     except (ValueError, OSError, AttributeError): return None
 
-def pick_pipeline(pipeline:str='auto', n_images:int|None=None, size=(256, 128), max_ram_fraction:float=0.5) -> str:
-    "'auto' -> 'cached' unless `n_images` decoded at `size` would take more than `max_ram_fraction` of the free RAM; else kept"
+def _stored_size(paths, size, n:int=32) -> tuple:
+    "The (h, w) `decode_images` stores at: the images' own size if a sample of `n` (headers only) shares one, else `size`"
+    from PIL import Image
+    paths = list(paths)
+    sizes = set()
+    for p in paths[::max(1, len(paths) // n)][:n]:
+        try:
+            with Image.open(p) as im: sizes.add(im.size[::-1])
+        except Exception: return tuple(size)   # unreadable: `decode_images` will say which
+    return sizes.pop() if len(sizes) == 1 else tuple(size)
+
+def pick_pipeline(pipeline:str='auto', n_images:int|None=None, size=(256, 128), max_ram_fraction:float=0.5, paths=None) -> str:
+    "'auto' -> 'cached' unless `n_images` decoded as the cache stores them would take more than `max_ram_fraction` of the available RAM"
     if pipeline not in PIPELINES: raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     if pipeline != 'auto': return pipeline
-    free, need = _free_ram(), (n_images or 0) * 3 * size[0] * size[1]   # at most: native sizes are often smaller
+    h, w = _stored_size(paths, size) if paths is not None and len(paths) else tuple(size)   # Market: 128x64, not 256x128
+    free, need = _free_ram(), (n_images or 0) * 3 * h * w
     if free is not None and need > max_ram_fraction * free:
-        print(f"reid_dataloaders: {n_images:,} decoded images ({need/2**30:.1f} GiB at {size[0]}x{size[1]}) would take more than "
-              f"{max_ram_fraction:.0%} of the free memory ({free/2**30:.1f} GiB): using the PIL path (pipeline='cached' to insist)")
+        print(f"reid_dataloaders: {n_images:,} decoded images ({need/2**30:.2f} GiB at {h}x{w}) would take more than "
+              f"{max_ram_fraction:.0%} of the available memory ({free/2**30:.1f} GiB): using the PIL path (pipeline='cached' to insist)")
         return 'pil'
     return 'cached'
 
@@ -436,7 +454,7 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
     if bad_images not in ('error', 'skip'): raise ValueError(f"bad_images must be 'error' or 'skip', got {bad_images!r}")
     erase = dict(erase_p=erase_p, erase_fill=erase_fill, erase_style=erase_style)
     reid_batch_tfms(stats, **erase)   # bad erasing flags fail now, not after the images are checked or decoded
-    pipeline = pick_pipeline(pipeline, len(df), size)
+    pipeline = pick_pipeline(pipeline, len(df), size, paths=df.path)
     if pipeline == 'pil' and check_images:   # find every bad file now, not at some batch of some epoch
         df = _drop_bad(df, verify_images(df, ifnone(num_workers, available_cpus()) or 1), bad_images)
     parts = {s: df[df.split == s].reset_index(drop=True) for s in SPLITS}

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_recipes.ipynb #937aa088
 from __future__ import annotations
-import copy, dataclasses
+import copy, dataclasses, math
 from dataclasses import dataclass, field
 import pandas as pd, torch
 from torch import nn
@@ -151,10 +151,10 @@ def recipe_loss(recipe, n_classes:int, feat_dim:int) -> ReIDLoss:
 
 # %% ../nbs/05_recipes.ipynb #0fbf4ba8
 def recipe_schedule(recipe, n_epoch:int|None=None, scale_schedule:bool=True) -> dict:
-    "The `fit_warmup_multistep` arguments of `recipe` for `n_epoch` epochs (warmup/milestones scaled if asked)"
+    "The `fit_warmup_multistep` arguments of `recipe` for `n_epoch` epochs (warmup and milestones in proportion if asked)"
     r = get_recipe(recipe)
     n = ifnone(n_epoch, r.n_epoch)
     s = n / r.n_epoch if scale_schedule else 1.
-    return dict(n_epoch=n, warmup_epochs=max(1, round(r.warmup_epochs * s)) if r.warmup_epochs else 0,
-                warmup_factor=r.warmup_factor, milestones=tuple(max(1, round(m * s)) for m in r.milestones), gamma=r.gamma)
+    return dict(n_epoch=n, warmup_epochs=r.warmup_epochs * s, warmup_steps=max(1, math.ceil(r.warmup_epochs)) if r.warmup_epochs else None,
+                warmup_factor=r.warmup_factor, milestones=tuple(m * s for m in r.milestones), gamma=r.gamma)
 
