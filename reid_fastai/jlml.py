@@ -106,32 +106,38 @@ class JLML(nn.Module):
         self.classifier, self.local_classifier = linear_classifier(feat_dim, n_classes), linear_classifier(feat_dim, n_classes)
         self.feat_dim = 2 * feat_dim
 
-    def reg(self) -> torch.Tensor:
-        "The weighted group LASSO (global selection) plus exclusive group LASSO by stripe (local selection)"
-        return (self.global_reg * group_lasso(self.global_select.weight)
-                + self.local_reg * exclusive_group_lasso(self.local_select.weight, self.n_stripes))
+# %% ../nbs/01a_jlml.ipynb #e52c7780
+@patch
+def reg(self:JLML) -> torch.Tensor:
+    "The weighted group LASSO (global selection) plus exclusive group LASSO by stripe (local selection)"
+    return (self.global_reg * group_lasso(self.global_select.weight)
+            + self.local_reg * exclusive_group_lasso(self.local_select.weight, self.n_stripes))
 
-    def _features(self, x):
-        "The global feature, the local feature and the stripes' pooled features `[B, n_stripes, C]`"
-        low = self.backbone['shared'](x)
-        if low.shape[2] < self.n_stripes:
-            raise ValueError(f"the shared map has {low.shape[2]} rows for {self.n_stripes} stripes: use taller images, fewer stripes or a shallower `shared`")
-        g = F.relu(self.global_bn(self.global_select(self.backbone['global_branch'](low).mean((-2, -1)))))
-        parts = torch.tensor_split(low, self.n_stripes, dim=2)   # each stripe's rows, before its own stream
-        stripes = torch.stack([s(p).mean((-2, -1)) for s, p in zip(self.backbone['local_streams'], parts)], 1)
-        return g, F.relu(self.local_bn(self.local_select(stripes.flatten(1)))), stripes   # stripe-major: stripe i is a block
+@patch
+def _features(self:JLML, x):
+    "The global feature, the local feature and the stripes' pooled features `[B, n_stripes, C]`"
+    low = self.backbone['shared'](x)
+    if low.shape[2] < self.n_stripes:
+        raise ValueError(f"the shared map has {low.shape[2]} rows for {self.n_stripes} stripes: use taller images, fewer stripes or a shallower `shared`")
+    g = F.relu(self.global_bn(self.global_select(self.backbone['global_branch'](low).mean((-2, -1)))))
+    parts = torch.tensor_split(low, self.n_stripes, dim=2)   # each stripe's rows, before its own stream
+    stripes = torch.stack([s(p).mean((-2, -1)) for s, p in zip(self.backbone['local_streams'], parts)], 1)
+    return g, F.relu(self.local_bn(self.local_select(stripes.flatten(1)))), stripes   # stripe-major: stripe i is a block
 
-    def outputs(self, x) -> ReIDOutput:
-        "Every output for `x` as a `ReIDOutput`, in the current mode (training: what `forward` returns)"
-        g, l, stripes = self._features(x)
-        feat = torch.cat([g, l], dim=1)
-        return ReIDOutput(feat=feat, neck_feat=feat, global_feat=g, local_feat=l, stripe_feats=stripes, logits=self.classifier(g),
-                          local_logits=self.local_classifier(l), reg=self.reg())
+@patch
+def outputs(self:JLML, x) -> ReIDOutput:
+    "Every output for `x` as a `ReIDOutput`, in the current mode (training: what `forward` returns)"
+    g, l, stripes = self._features(x)
+    feat = torch.cat([g, l], dim=1)
+    return ReIDOutput(feat=feat, neck_feat=feat, global_feat=g, local_feat=l, stripe_feats=stripes, logits=self.classifier(g),
+                      local_logits=self.local_classifier(l), reg=self.reg())
 
-    def forward(self, x):
-        if self.training: return self.outputs(x)
-        g, l, _ = self._features(x)
-        return torch.cat([g, l], dim=1)
+@patch
+def forward(self:JLML, x):
+    "Training: `outputs(x)`; eval: the 1024-d matching feature (global and local, concatenated)"
+    if self.training: return self.outputs(x)
+    g, l, _ = self._features(x)
+    return torch.cat([g, l], dim=1)
 
 # %% ../nbs/01a_jlml.ipynb #0d8f80e8
 @patch

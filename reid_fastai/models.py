@@ -315,29 +315,35 @@ class ReIDNet(nn.Module):
         self.classifier = linear_classifier(dim, n_classes) if classifier == 'linear' else CosineClassifier(dim, n_classes)
         self.attr_heads = nn.ModuleList([nn.Linear(dim, n) for n in n_attrs]) if n_attrs else None
 
-    def _features(self, x):
-        "The pooled (embedded) feature and its BNNeck version"
-        feat = self.embedding(self.pool(self.backbone.forward_features(x)))
-        return feat, self.neck(feat)
+# %% ../nbs/01_models.ipynb #395c089f
+@patch
+def _features(self:ReIDNet, x):
+    "The pooled (embedded) feature and its BNNeck version"
+    feat = self.embedding(self.pool(self.backbone.forward_features(x)))
+    return feat, self.neck(feat)
 
-    def outputs(self, x) -> ReIDOutput:
-        "Every output for `x` as a `ReIDOutput`, in the current mode (training: what `forward` returns)"
-        feat, neck_feat = self._features(x)
-        out = ReIDOutput(feat=feat, neck_feat=neck_feat, logits=self.classifier(neck_feat))
-        if self.attr_heads is not None: out['attr_logits'] = [head(neck_feat) for head in self.attr_heads]
-        return out
+@patch
+def outputs(self:ReIDNet, x) -> ReIDOutput:
+    "Every output for `x` as a `ReIDOutput`, in the current mode (training: what `forward` returns)"
+    feat, neck_feat = self._features(x)
+    out = ReIDOutput(feat=feat, neck_feat=neck_feat, logits=self.classifier(neck_feat))
+    if self.attr_heads is not None: out['attr_logits'] = [head(neck_feat) for head in self.attr_heads]
+    return out
 
-    def forward(self, x):
-        if self.training: return self.outputs(x)
-        feat, neck_feat = self._features(x)
-        return neck_feat if self.eval_feat == 'neck' else feat
+@patch
+def forward(self:ReIDNet, x):
+    "Training: `outputs(x)`; eval: the retrieval feature `[B, D]` (`eval_feat`: post- or pre-neck)"
+    if self.training: return self.outputs(x)
+    feat, neck_feat = self._features(x)
+    return neck_feat if self.eval_feat == 'neck' else feat
 
 # %% ../nbs/01_models.ipynb #bce72bd8
 @patch
 def attributes(self:ReIDNet, x) -> list:
     "Attribute logits `[B, n_a]`, one per head, for `x` in the current mode (eval: to measure attribute accuracy)"
     if self.attr_heads is None: raise ValueError("this model has no attribute heads: build it with n_attrs=[...] (e.g. dls.n_attrs)")
-    return [head(self._features(x)[1]) for head in self.attr_heads]
+    neck_feat = self._features(x)[1]   # once for all heads
+    return [head(neck_feat) for head in self.attr_heads]
 
 # %% ../nbs/01_models.ipynb #085f1f47
 def _loss_params(loss) -> list:
