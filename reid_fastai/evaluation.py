@@ -5,34 +5,39 @@
 # %% ../nbs/04_evaluation.ipynb #4fc1fe2b
 from __future__ import annotations
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
+from fastai.torch_core import one_param
+from .models import retrieval_feature
 
 # %% auto #0
 __all__ = ['AP_MODES', 'extract_features', 'euclidean_distmat', 'cosine_distmat', 'compute_distmat', 'check_finite',
-           'evaluate_rank', 're_ranking', 'query_expansion', 'evaluate_reid', 'plot_cmc', 'ranked_gallery',
-           'show_retrieval', 'plot_distance_hist']
+           'evaluate_rank', 're_ranking', 'query_expansion', 'evaluate_reid', 'attribute_accuracy', 'plot_cmc',
+           'ranked_gallery', 'show_framed_image', 'show_retrieval', 'plot_distance_hist']
 
 # %% ../nbs/04_evaluation.ipynb #5a58c14e
-def _model_device(model):
-    "Device of the first parameter (or buffer) of `model`, CPU for a parameterless model"
-    for t in list(model.parameters()) + list(model.buffers()): return t.device
-    return torch.device('cpu')
-
 def _plain(t):
     "A plain `torch.Tensor` (fastai's `TensorImage` & co. dispatch differently on some ops)"
     return t.as_subclass(torch.Tensor) if isinstance(t, torch.Tensor) else torch.as_tensor(t)
 
-def _retrieval_feature(out):
-    "The retrieval feature from a model output: the tensor itself, else `neck_feat`/`feat` of a dict, else the first item"
-    if isinstance(out, dict): return out['neck_feat'] if 'neck_feat' in out else out['feat']
-    if isinstance(out, (tuple, list)): return out[0]
-    return out
+def _device_of(model, device=None) -> torch.device:
+    "`device`, else the device of `model`'s parameters (fastai's `one_param`), else the CPU (a model without parameters)"
+    return torch.device(device) if device is not None else getattr(one_param(model), 'device', torch.device('cpu'))
+
+@contextmanager
+def _evaluating(model, device):
+    "`model` in eval mode, under `no_grad` and (on CUDA) autocast; its mode restored afterwards"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), (torch.autocast('cuda') if device.type == 'cuda' else nullcontext()): yield
+    finally: model.train(was_training)
 
 def _no_autocast(device):
     "Context that switches autocast off: distances and ranking must be computed in float32"
@@ -41,21 +46,16 @@ def _no_autocast(device):
 # %% ../nbs/04_evaluation.ipynb #b5ee2e44
 def extract_features(model, dl, flip=False, normalize=False, device=None):
     "Features, pids and camids of every item of `dl`, in order (`model` in eval mode on its own device)"
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    amp = torch.autocast('cuda') if device.type == 'cuda' else nullcontext()
+    device = _device_of(model, device)
     feats, pids, camids = [], [], []
-    try:
-        with torch.no_grad(), amp:
-            for b in dl:
-                x = _plain(b[0]).to(device, non_blocking=True)
-                f = _retrieval_feature(model(x)).float()
-                if flip: f = (f + _retrieval_feature(model(x.flip(3))).float()) / 2
-                feats.append(f.float())
-                pids.append(_plain(b[1]).to(device).long())
-                camids.append(_plain(b[2]).to(device).long())
-    finally: model.train(was_training)
+    with _evaluating(model, device):
+        for b in dl:
+            x = _plain(b[0]).to(device, non_blocking=True)
+            f = retrieval_feature(model(x)).float()
+            if flip: f = (f + retrieval_feature(model(x.flip(3))).float()) / 2
+            feats.append(f)
+            pids.append(_plain(b[1]).to(device).long())
+            camids.append(_plain(b[2]).to(device).long())
     feats = torch.cat(feats).float()
     if normalize: feats = F.normalize(feats, dim=1)
     return feats, torch.cat(pids), torch.cat(camids)
@@ -352,8 +352,9 @@ def query_expansion(qf, gf, k=5, alpha=0., chunk_size=1024):
 
 # %% ../nbs/04_evaluation.ipynb #323c5723
 def evaluate_reid(model, dls, flip=True, normalize=True, metric='euclidean', rerank=False, k1=20, k2=6,
-                  lambda_value=0.3, qe_k=0, qe_alpha=0., max_rank=50, dl=None, return_details=False, ap_mode='match'):
-    "Market-protocol R1/R5/R10/R20, mAP, mINP (fractions) and n_skipped of `model` on `dls.valid` (queries first)"
+                  lambda_value=0.3, qe_k=0, qe_alpha=0., max_rank=50, dl=None, return_details=False, ap_mode='match',
+                  attributes=None): # attribute labels for `attr_acc`: None: `dls.attributes` if the model has attribute heads; False: none
+    "Market-protocol R1/R5/R10/R20, mAP, mINP (fractions) and n_skipped of `model` on `dls.valid` (queries first); `attr_acc`"
     dl = dls.valid if dl is None else dl
     n_query = dls.n_query
     feats, pids, camids = extract_features(model, dl, flip=flip, normalize=normalize)
@@ -367,8 +368,37 @@ def evaluate_reid(model, dls, flip=True, normalize=True, metric='euclidean', rer
     distmat = re_ranking(qf, gf, k1, k2, lambda_value, metric=metric) if rerank else compute_distmat(qf, gf, metric)
     res = evaluate_rank(distmat, pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:], max_rank=max_rank, ap_mode=ap_mode)
     out = {k: res[k] for k in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'n_skipped')}
+    if attributes is None and getattr(model, 'attr_heads', None) is not None: attributes = getattr(dls, 'attributes', None)
+    if attributes is not None and attributes is not False:
+        out['attr_acc'] = attribute_accuracy(model, dl, attributes, getattr(dls, 'attr_names', None))['mean_acc']
     if return_details: out.update({k: v for k, v in res.items() if k not in out}, distmat=distmat)
     return out
+
+# %% ../nbs/04_evaluation.ipynb #7f22a029
+def attribute_accuracy(model, # a network with `.attributes(x)`: a list of logits, one per head (`ReIDNet(n_attrs=...)`)
+                       dl, # batches `(images, pids, ...)`, e.g. `dls.valid`
+                       attributes:pd.DataFrame, # labels indexed by pid, one integer column per attribute (-100: unlabelled)
+                       names=None, # the columns, in the order of the model's heads (default: all; `dls.attr_names`)
+                       device=None) -> dict:
+    "Each attribute head's accuracy (`acc`), their mean (`mean_acc`) and `n_labelled`, on the images of `dl` whose identity is labelled"
+    names = list(attributes.columns) if names is None else list(names)
+    missing = [n for n in names if n not in attributes.columns]
+    if missing: raise ValueError(f"no attribute column(s) {missing} in the table (it has {list(attributes.columns)})")
+    if not attributes.index.is_unique: raise ValueError("the attribute table has duplicate pids: give one row per identity")
+    if not callable(getattr(model, 'attributes', None)):
+        raise TypeError(f"{type(model).__name__} has no `attributes(x)` method: use a ReIDNet built with n_attrs=...")
+    device, preds, pids = _device_of(model, device), [], []
+    with _evaluating(model, device):
+        for b in dl:
+            logits = model.attributes(_plain(b[0]).to(device, non_blocking=True))
+            if len(logits) != len(names): raise ValueError(f"the model has {len(logits)} attribute heads but {len(names)} attribute names")
+            preds.append(torch.stack([l.argmax(1) for l in logits], 1)); pids.append(_plain(b[1]).long())
+    pred, pid = torch.cat(preds).cpu().numpy(), torch.cat(pids).cpu().numpy()
+    labels = attributes[names].reindex(pid).fillna(-100).to_numpy('int64')   # identities without a row: unlabelled
+    ok = labels != -100
+    n, correct = ok.sum(0), ((pred == labels) & ok).sum(0)
+    acc = {a: float(c / k) for a, c, k in zip(names, correct, n) if k}
+    return dict(mean_acc=float(np.mean(list(acc.values()))) if acc else float('nan'), acc=acc, n_labelled=dict(zip(names, n.tolist())))
 
 # %% ../nbs/04_evaluation.ipynb #045db869
 def plot_cmc(results, labels=None, max_rank=20, ax=None, title='CMC'):
@@ -395,7 +425,9 @@ def ranked_gallery(dist_row, q_pid, q_camid, g_pids, g_camids, top=None):
     order = order[~junk]
     return order[:top] if top is not None else order
 
-def _show_image(ax, path, title, color, size):
+def show_framed_image(ax, path, title:str, color:str, size=(128, 64)):
+    "Show the image file `path` resized to `size` (H, W) on `ax`, with a small `title` and a thick frame in `color`"
+    # not fastai's `show_image`: it turns the axes off, and with them the coloured frame that marks a match
     from PIL import Image
     ax.imshow(Image.open(path).convert('RGB').resize(size[::-1]))
     ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title, fontsize=7)
@@ -410,11 +442,11 @@ def show_retrieval(distmat, query_df, gallery_df, idxs, top=10, size=(128, 64), 
                             figsize=figsize or ((top + 1) * 0.8, len(idxs) * 1.8))
     for row, qi in zip(axs, idxs):
         q = query_df.iloc[qi]
-        _show_image(row[0], q['path'], f"query\npid {q['pid']} cam {q['camid']}", 'black', size)
+        show_framed_image(row[0], q['path'], f"query\npid {q['pid']} cam {q['camid']}", 'black', size)
         order = ranked_gallery(distmat[qi], q['pid'], q['camid'], g_pids, g_camids, top=top)
         for rank, (ax, gi) in enumerate(zip(row[1:], order.tolist()), 1):
             g = gallery_df.iloc[gi]
-            _show_image(ax, g['path'], f"{rank}: {float(distmat[qi, gi]):.2f}", 'green' if g['pid'] == q['pid'] else 'red', size)
+            show_framed_image(ax, g['path'], f"{rank}: {float(distmat[qi, gi]):.2f}", 'green' if g['pid'] == q['pid'] else 'red', size)
         for ax in row[len(order) + 1:]: ax.axis('off')
     fig.tight_layout()
     return fig
@@ -441,3 +473,7 @@ def plot_distance_hist(distmat, q_pids, g_pids, q_camids=None, g_camids=None, bi
     ax.hist(pos, edges, density=True, alpha=0.55, color='tab:green', label=f'positive pairs ({n_pos:,})')
     ax.set_xlabel('distance'); ax.set_ylabel('density'); ax.set_title(title); ax.legend()
     return ax
+
+# %% ../nbs/04_evaluation.ipynb #dc3d01be
+_retrieval_feature, _show_image = retrieval_feature, show_framed_image
+def _model_device(model): return _device_of(model)

@@ -12,7 +12,7 @@ from fastcore.basics import patch
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from reid_fastai.data import ReIDInputError, items_table
-    from reid_fastai.evaluation import compute_distmat, _show_image
+    from reid_fastai.evaluation import compute_distmat, show_framed_image
     from reid_fastai.model_io import ReIDModel, load_reid_model, model_name, same_features, jsonable
 
 # %% auto #0
@@ -293,11 +293,11 @@ def show_search(res:pd.DataFrame, # what `GalleryIndex.search` returned
     for row, q in zip(axs, queries):
         r = res[res['query'] == q].sort_values('rank').head(top)
         q_pid = int(r['query_pid'].iloc[0]) if 'query_pid' in r.columns else -1
-        if isinstance(q, str) and os.path.isfile(q): _show_image(row[0], q, f"query\n{Path(q).name[:16]}", 'black', size)
+        if isinstance(q, str) and os.path.isfile(q): show_framed_image(row[0], q, f"query\n{Path(q).name[:16]}", 'black', size)
         else: row[0].axis('off'); row[0].set_title(f"query {q}", fontsize=7)
         for ax, g in zip(row[1:], r.itertuples()):
             color = 'grey' if q_pid < 0 or g.pid < 0 else 'green' if g.pid == q_pid else 'red'
-            _show_image(ax, g.path, f"{g.rank}: {g.distance:.2f}", color, size)
+            show_framed_image(ax, g.path, f"{g.rank}: {g.distance:.2f}", color, size)
         for ax in row[len(r) + 1:]: ax.axis('off')
     fig.tight_layout()
     return fig

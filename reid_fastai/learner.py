@@ -6,6 +6,7 @@
 from __future__ import annotations
 import warnings
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
+from functools import partial
 import torch
 from torch import nn
 from fastcore.basics import patch, ifnone
@@ -79,9 +80,17 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
                  **model_kwargs): # override the recipe's model options (`last_stride`, `pool`, `embed_dim`, ...)
     "A fastai `Learner` for `recipe`: model, `ReIDLoss`, Adam, `reid_splitter` and the recipe's callbacks"
     r = get_recipe(recipe)
+    if 'attr' in r.terms:
+        if not getattr(dls, 'n_attrs', None):
+            raise ValueError(f"recipe {r.name!r} trains attribute heads: build the data with reid_dataloaders(..., attributes=...), "
+                             "e.g. attributes=market_attributes('market_attribute.mat')")
+        model_kwargs.setdefault('n_attrs', dls.n_attrs)
     model = recipe_model(r, dls.n_classes, arch=arch, pretrained=pretrained, **model_kwargs)
     loss = recipe_loss(r, dls.n_classes, model.feat_dim)
-    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode), LossTermsRecorder(), NaNStop(), LeanLogging()]
+    with_attrs = getattr(model, 'attr_heads', None) is not None and getattr(dls, 'attributes', None) is not None
+    metrics = ('R1', 'R5', 'R10', 'mAP', 'mINP') + (('attr_acc',) if with_attrs else ())
+    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode, metrics=metrics), LossTermsRecorder(),
+               NaNStop(), LeanLogging()]
     if 'center' in r.terms: cb_list.append(CenterLossOptimizer(lr=center_lr))
     if r.loss.get('camera_bias'): cb_list.append(CameraBiasSchedule())
     device = torch.device(getattr(dls, 'device', None) or 'cpu')
@@ -90,7 +99,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     if channels_last: cb_list.append(ChannelsLast())
     if compile: model.compile()
     learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
-                    wd_bn_bias=wd_bn_bias, splitter=reid_splitter, cbs=cb_list + L(cbs), path=path)
+                    wd_bn_bias=wd_bn_bias, splitter=partial(reid_splitter, loss=loss), cbs=cb_list + L(cbs), path=path)
     learn.recipe, learn.arch = r, arch
     prec = _auto_precision(device, mixed_precision)
     if prec not in (None, 'bf16', 'fp16'): raise ValueError(f"mixed_precision must be 'bf16', 'fp16', None or 'auto', got {prec!r}")

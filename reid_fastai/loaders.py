@@ -305,15 +305,16 @@ class LoadImage(Transform):
 
 class ReIDDataLoaders(DataLoaders):
     "fastai `DataLoaders` for re-ID: identity-balanced `train`, query+gallery `valid`, plus the tables and settings"
-    _meta = 'train_df query_df gallery_df n_classes n_query n_gallery attr_names n_attrs pipeline size stats p k'.split()
+    _meta = 'train_df query_df gallery_df n_classes n_query n_gallery attributes attr_names n_attrs pipeline size stats p k'.split()
     def __init__(self, *loaders, path='.', device=None, train_df=None, query_df=None, gallery_df=None,
-                 attr_names=None, n_attrs=None, pipeline:str='pil', size=None, stats=imagenet_stats):
+                 attributes=None, attr_names=None, n_attrs=None, pipeline:str='pil', size=None, stats=imagenet_stats):
         super().__init__(*loaders, path=path, device=device)
         self.train_df, self.query_df, self.gallery_df = train_df, query_df, gallery_df
         self.n_classes = int(train_df.label.max()) + 1 if train_df is not None else None
         self.n_query = len(query_df) if query_df is not None else None
         self.n_gallery = len(gallery_df) if gallery_df is not None else None
-        self.attr_names, self.n_attrs, self.pipeline, self.size, self.stats = attr_names, n_attrs, pipeline, size, stats
+        self.attributes, self.attr_names, self.n_attrs = attributes, attr_names, n_attrs   # the table: test labels too
+        self.pipeline, self.size, self.stats = pipeline, size, stats
         self.p, self.k = getattr(loaders[0], 'p', None), getattr(loaders[0], 'k', None)
 
     def new_empty(self):
@@ -323,13 +324,22 @@ class ReIDDataLoaders(DataLoaders):
         return res
 
 def _attr_matrix(attributes:pd.DataFrame, pids):
+    "The training identities' attributes `[n, n_attr]` (int64, -100: unlabelled), the names and the class counts"
     missing = sorted(set(pids) - set(attributes.index))
-    if missing: raise ValueError(f"{len(missing)} training identities have no attributes, e.g. pids {missing[:5]}")
+    if missing: raise ValueError(f"{len(missing)} training identities have no attributes, e.g. pids {missing[:5]}: add their rows "
+                                 "(-100 for an unlabelled attribute)")
+    if not attributes.index.is_unique: raise ValueError("the attribute table has duplicate pids: give one row per identity")
     a = attributes.loc[list(pids)]
-    if not all(pd.api.types.is_integer_dtype(t) for t in a.dtypes) or (a.values < 0).any():
-        raise ValueError("attributes must be 0-based integer class indices")
-    n_cls = attributes.attrs.get('n_classes') or {}
-    return a.values.astype('int64'), list(a.columns), [int(n_cls.get(c, attributes[c].max() + 1)) for c in a.columns]
+    bad = [c for c, t in a.dtypes.items() if not pd.api.types.is_integer_dtype(t)]
+    if bad: raise ValueError(f"attribute columns {bad} are not integer class indices (0, 1, ...; -100: unlabelled), e.g. fill NaN "
+                             "with -100 and cast with .astype(int)")
+    v, n_cls = a.values.astype('int64'), attributes.attrs.get('n_classes') or {}
+    if ((v < 0) & (v != -100)).any():
+        raise ValueError("attributes must be 0-based class indices, or -100 for unlabelled; found other negative values")
+    counts = [int(n_cls.get(c, attributes[c].max() + 1)) for c in a.columns]
+    over = [c for c, n, col in zip(a.columns, counts, v.T) if n < 1 or (col >= n).any()]
+    if over: raise ValueError(f"attribute columns {over} have labels beyond their class count (attrs['n_classes'] or max + 1), or none")
+    return v, list(a.columns), counts
 
 
 # %% ../nbs/00b_loaders.ipynb #99cacfcd
@@ -478,4 +488,4 @@ def reid_dataloaders(df:pd.DataFrame, # a re-ID table (`reid_fastai.data.reid_df
             if bad_images == 'error': raise BadImagesError(e.bad, _BAD_FIX) from None
             return reid_dataloaders(_drop_bad(df, e.bad, 'skip'), **{**_args, 'bad_images': 'error'})
     return ReIDDataLoaders(train, valid, device=device, train_df=train_df, query_df=parts['query'], gallery_df=parts['gallery'],
-                           attr_names=attr_names, n_attrs=n_attrs, pipeline=pipeline, size=tuple(size), stats=stats)
+                           attributes=attributes, attr_names=attr_names, n_attrs=n_attrs, pipeline=pipeline, size=tuple(size), stats=stats)

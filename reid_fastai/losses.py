@@ -300,9 +300,13 @@ class ClassCircleLoss(LossTerm):
 class VerificationLoss(LossTerm):
     "Same/different pair classifier on `(f_i - f_j)^2` for all pairs `i < j`: 2-way CE. Has parameters (`.classifier`)."
     input = 'feat'
-    def __init__(self, feat_dim:int, balanced:bool=True):
+    def __init__(self, feat_dim:int,
+                 balanced:bool=True, # weigh the two classes by `pos_weight` / `1 - pos_weight` (else: the mean over all pairs)
+                 pos_weight:float=0.5, # share of the same-identity pairs when `balanced` (Zheng et al.'s sampling: 0.2)
+                 dropout:float=0.): # dropout on `(f_i - f_j)^2` before the classifier in training (Zheng et al.: 0.9)
         super().__init__()
-        self.feat_dim, self.balanced = feat_dim, balanced
+        if not 0 < pos_weight < 1: raise ValueError(f"pos_weight must be in (0, 1), got {pos_weight}")
+        self.feat_dim, self.balanced, self.pos_weight, self.dropout = feat_dim, balanced, pos_weight, dropout
         self.classifier = nn.Linear(feat_dim, 2)
 
     @float32_loss
@@ -310,19 +314,22 @@ class VerificationLoss(LossTerm):
         i, j = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
         same = (pid[i] == pid[j]).long()
         w, b = self.classifier.weight, self.classifier.bias
-        logits = F.linear((x[i] - x[j]).pow(2), w.to(x.dtype), b.to(x.dtype))
+        diff = F.dropout((x[i] - x[j]).pow(2), self.dropout, self.training)
+        logits = F.linear(diff, w.to(x.dtype), b.to(x.dtype))
         if not self.balanced: return F.cross_entropy(logits, same)
         losses = F.cross_entropy(logits, same, reduction='none')
         is_c = torch.stack([same == 0, same == 1])                       # [2, pairs]: masks instead of indexing (no host sync)
         n_c = is_c.sum(1)
         per_class = torch.where(is_c, losses, 0.).sum(1) / n_c.clamp(min=1)
-        return (per_class * (n_c > 0)).sum() / (n_c > 0).sum().clamp(min=1)
+        share = torch.tensor([1 - self.pos_weight, self.pos_weight], device=x.device, dtype=per_class.dtype) * (n_c > 0)
+        return (per_class * share).sum() / share.sum().clamp(min=1e-12)   # a class absent from the batch: the other alone
 
-    def extra_repr(self): return f"feat_dim={self.feat_dim}, balanced={self.balanced}, input={self.input!r}"
+    def extra_repr(self):
+        return f"feat_dim={self.feat_dim}, balanced={self.balanced}, pos_weight={self.pos_weight}, dropout={self.dropout}, input={self.input!r}"
 
 # %% ../nbs/02_losses.ipynb #1ff1d6d3
 class AttributeLoss(LossTerm):
-    "Mean over attributes of the cross-entropy of `attr_logits[a]` against `attrs[:, a]` (passed as `attrs=`)."
+    "Mean, over the attributes labelled in the batch, of the CE of `attr_logits[a]` against `attrs[:, a]` over its labelled images"
     input = 'attr_logits'
     def __init__(self, ignore_index:int=-100):
         super().__init__()
@@ -332,8 +339,12 @@ class AttributeLoss(LossTerm):
     def forward(self, x, pid, camid=None, attrs=None, **kw):
         if attrs is None: raise ValueError("AttributeLoss needs the attribute targets: loss(out, pid, camid, attrs)")
         if len(x) != attrs.shape[1]: raise ValueError(f"{len(x)} attribute heads but {attrs.shape[1]} attribute columns")
-        return torch.stack([F.cross_entropy(logits, attrs[:, a], ignore_index=self.ignore_index)
-                            for a, logits in enumerate(x)]).mean()
+        labelled = attrs != self.ignore_index                               # [B, n_attr]
+        ce = torch.stack([F.cross_entropy(logits, torch.where(labelled[:, a], attrs[:, a], 0), reduction='none')
+                          for a, logits in enumerate(x)], 1)                # [B, n_attr], unlabelled entries masked below
+        n = labelled.sum(0)
+        per_attr = torch.where(labelled, ce, 0.).sum(0) / n.clamp(min=1)
+        return (per_attr * (n > 0)).sum() / (n > 0).sum().clamp(min=1)
 
 # %% ../nbs/02_losses.ipynb #318078c3
 class ReIDLoss(nn.Module):

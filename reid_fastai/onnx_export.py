@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
-    from reid_fastai.evaluation import _retrieval_feature
+    from reid_fastai.models import retrieval_feature
     from reid_fastai.model_io import ReIDModel, load_reid_model, jsonable
 
 # %% auto #0
@@ -24,8 +24,8 @@ class RetrievalModule(nn.Module):
         super().__init__()
         self.model, self.flip, self.normalize = model, flip, normalize
     def forward(self, x):
-        f = _retrieval_feature(self.model(x)).float()
-        if self.flip: f = (f + _retrieval_feature(self.model(x.flip(3))).float()) / 2
+        f = retrieval_feature(self.model(x)).float()
+        if self.flip: f = (f + retrieval_feature(self.model(x.flip(3))).float()) / 2
         return F.normalize(f, dim=1) if self.normalize else f
 
 def have_onnx() -> bool:

@@ -10,8 +10,10 @@ import pandas as pd, torch
 from torch import nn
 from fastcore.basics import ifnone
 
-from .models import ReIDNet, JLML
-from .losses import ReIDLoss, CrossEntropyLabelSmooth, TripletLoss, CenterLoss, ClassCircleLoss, CameraBias
+from .models import ReIDNet
+from .jlml import JLML
+from .losses import (ReIDLoss, CrossEntropyLabelSmooth, TripletLoss, CenterLoss, ClassCircleLoss, CameraBias,
+                                VerificationLoss, AttributeLoss)
 
 # %% auto #0
 __all__ = ['RECIPES', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model', 'recipe_loss', 'recipe_schedule']
@@ -78,8 +80,18 @@ RECIPES = {r.name: r for r in [
        {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine')),
     _r('paper_aa1', 'the paper with AutoAugment on every image (torchvision\'s default): the other reading of "AutoAugment"',
        {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine'), data=dict(_PAPER_DATA, aa_p=1.0)),
-    _r('jlml', 'JLML: global + local branch ID losses (LS) + L2,1 sparsity, 1024-d concatenated feature',
-       {'id': 1., 'local_id': 1.}, model=dict(last_stride=1), net='jlml'),
+    _r('jlml', 'JLML (Li et al. 2017): a global branch and one stream per stripe over the shared stem, an ID loss (LS) per '
+       'branch, group LASSO (global) + exclusive group LASSO (local) feature selection, 1024-d concatenated feature',
+       {'id': 1., 'local_id': 1.}, model=dict(last_stride=1, shared='stem', n_stripes=4), net='jlml'),
+    _r('verif', 'ID + verification (Zheng et al. 2017): softmax ID loss + a 2-way same/different softmax on (f_i - f_j)^2 '
+       'of the pooled features, weighted 1:1 as in their code; 1 positive pair per 4 negative ones (pos_weight 0.2) and '
+       'dropout 0.9 before the pair classifier; last stride 2, no BNNeck, no LS/RE/AutoAugment',
+       {'id': 1., 'verif': 1.}, model=_NO_TRICKS, loss=dict(label_smooth=0., verif_pos_weight=0.2, verif_dropout=0.9),
+       data=dict(erase_p=0., auto_augment=False)),
+    _r('attr', 'ID + attributes (APR, Lin et al. 2019): softmax ID loss + the mean CE of one head per attribute, their '
+       'L = 8 L_ID + mean L_att written 1 : 1/8; needs reid_dataloaders(attributes=...); last stride 2, no BNNeck, '
+       'no LS/RE/AutoAugment', {'id': 1., 'attr': 0.125}, model=_NO_TRICKS, loss=dict(label_smooth=0.),
+       data=dict(erase_p=0., auto_augment=False)),
     _r('camera', 'BoT with camera-aware batch-hard mining (bias k*std(D)/(1+m*t), k=5, m=0.1)',
        {'id': 1., 'triplet': 1., 'center': 0.0005}, loss=dict(camera_bias=dict(k=5., m=0.1)), data=_BOT_DATA, warmup_factor=0.01),
     *[_r(n, d, {'id': 1.}, model=m, loss=dict(label_smooth=ls), data=dt) for n, d, dt, m, ls in _TABLE2],
@@ -145,6 +157,8 @@ def recipe_loss(recipe, n_classes:int, feat_dim:int) -> ReIDLoss:
             cb = o.get('camera_bias')
             t = TripletLoss(margin=o.get('margin', 0.3), camera_bias=CameraBias(**cb) if cb else None)
         elif name == 'center': t = CenterLoss(n_classes, feat_dim)
+        elif name == 'verif': t = VerificationLoss(feat_dim, pos_weight=o.get('verif_pos_weight', 0.5), dropout=o.get('verif_dropout', 0.))
+        elif name == 'attr': t = AttributeLoss()
         else: raise ValueError(f"recipe {r.name!r}: unknown loss term {name!r}")
         terms[name] = (t, w)
     return ReIDLoss(**terms)
