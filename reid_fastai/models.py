@@ -361,10 +361,3 @@ def reid_splitter(model: nn.Module, loss=None) -> list:
     seen = {id(p) for p in trainable}
     extra = [p for p in _loss_params(loss) if p.requires_grad and id(p) not in seen]
     return [[p for p in trainable if id(p) in body_ids], [p for p in trainable if id(p) not in body_ids] + extra]
-
-# %% ../nbs/01_models.ipynb #ed98d971
-def __getattr__(name):   # PEP 562: only for names this module does not define
-    if name == 'JLML':   # moved to reid_fastai.jlml; imported lazily (jlml imports this module)
-        from reid_fastai.jlml import JLML
-        return JLML
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
