@@ -110,3 +110,15 @@ def test_three_kinds_of_bad_image_in_worker_processes(demo_df, tmp_path, pipelin
     assert f"{bad['train'][0]}: OSError: image file is truncated (" in str(e.value), str(e.value)
     dls = reid_dataloaders(df, bad_images="skip", **kw)
     assert (len(dls.train_df), dls.n_query, len(dls.gallery_df)) == tuple((demo_df.split == s).sum() for s in ("train", "query", "gallery"))
+
+
+def test_importing_the_data_modules_adds_no_warning_filter():
+    "Warning filters belong to the command-line entry points: importing the data modules leaves the process's filters alone"
+    import subprocess, sys
+    code = ("import warnings, numpy, pandas, torch, PIL.Image, scipy, fastcore.parallel, fastcore.script, fastai.vision.core, fasttransform; "
+            "before = list(warnings.filters); "
+            "import reid_fastai.data, reid_fastai.demo, reid_fastai.images, reid_fastai.cache; "
+            "print([f for f in warnings.filters if f not in before])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
