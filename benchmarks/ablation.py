@@ -95,7 +95,8 @@ def run_rows(rows:pd.DataFrame, data=None, arch='resnet50', pretrained=None, epo
     (Table 5's with/without re-ranking) share one training."""
     import torch
     from fastai.torch_core import set_seed
-    from reid_fastai.data import make_demo_dataset, reid_df
+    from reid_fastai.data import reid_df
+    from reid_fastai.demo import make_demo_dataset
     from reid_fastai.loaders import reid_dataloaders
     from reid_fastai.evaluation import evaluate_reid
     from reid_fastai.learner import reid_learner

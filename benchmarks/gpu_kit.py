@@ -308,7 +308,7 @@ def rehearse(a) -> bool:
     # the carried kit: the real wheels and Lite0 weights; the demo data as "Market-1501", repacked the same way
     shutil.copytree(wheels, tree/KIT/'whl'); shutil.copytree(kit/'lite0', tree/KIT/'lite0')
     sys.path.insert(0, str(REPO))
-    from reid_fastai.data import make_demo_dataset
+    from reid_fastai.demo import make_demo_dataset
     demo = make_demo_dataset(work/'demo_src'/'Market-1501-v15.09.15', n_ids=24)
     with tarfile.open(work/'demo.tar.xz', 'w:xz') as tf: tf.add(demo, arcname='Market-1501-v15.09.15')
     repack_without_junk(work/'demo.tar.xz', tree/KIT/'market'/'market1501_nojunk.tar.xz')

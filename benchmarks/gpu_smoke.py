@@ -40,7 +40,8 @@ def part_step(res, dev, size, runs):
     "One fit step: cached path resident on `dev`, bf16 on CUDA, fused Adam; finite loss, weights moved"
     import torch
     from fastai.torch_core import set_seed
-    from reid_fastai.data import make_demo_dataset, reid_df
+    from reid_fastai.data import reid_df
+    from reid_fastai.demo import make_demo_dataset
     from reid_fastai.loaders import reid_dataloaders
     from reid_fastai.learner import reid_learner
     from reid_fastai.recipes import get_recipe

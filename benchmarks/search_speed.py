@@ -18,7 +18,7 @@ import numpy as np, torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from a checkout without installing
 from reid_fastai.gallery import GalleryIndex, have_faiss
-from reid_fastai.data import available_cpus
+from reid_fastai.images import available_cpus
 
 
 def random_features(n, dim, seed=0, device='cpu', block=65536):

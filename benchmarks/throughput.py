@@ -42,7 +42,9 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from reid_fastai.data import available_cpus, make_demo_dataset, market1501_df, market1501_path, reid_df
+from reid_fastai.data import market1501_df, market1501_path, reid_df
+from reid_fastai.demo import make_demo_dataset
+from reid_fastai.images import available_cpus
 from reid_fastai.loaders import reid_dataloaders
 from reid_fastai.learner import reid_learner
 from reid_fastai.recipes import recipe_model, recipe_loss

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from reid_fastai.train import reid_train  # noqa: E402
 from reid_fastai import data as reid_data  # noqa: E402
+from reid_fastai.demo import make_demo_dataset  # noqa: E402
 
 
 def main(argv=None):
@@ -55,7 +56,7 @@ def main(argv=None):
     ap.add_argument('--commit', default=None, help='git commit to record (default: the checkout\'s, where git works)')
     a = ap.parse_args(argv)
 
-    if a.demo: data = reid_data.make_demo_dataset()
+    if a.demo: data = make_demo_dataset()
     else:
         data = a.data or reid_data.market1501_path()
         if data is None: ap.error('no Market-1501 found: pass its folder or set REID_MARKET1501')

@@ -40,7 +40,7 @@ def _train_args(
     device:str=None, # 'cpu', 'cuda', 'cuda:1', ... (default: CUDA if available)
     mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
     compile:store_true=False, # torch.compile the model
-    threads:int=None, # torch CPU threads (default on the CPU: the cores not already busy)
+    threads:int=None, # torch CPU threads (default on the CPU: $OMP_NUM_THREADS, else the cores this process may use)
     seed:int=42, # random seed (weights, sampling, augmentation)
     quiet:store_true=False, # print only the final result line
     debug:store_true=False, # on an error, show the full traceback

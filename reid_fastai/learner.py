@@ -20,36 +20,14 @@ from .models import reid_splitter
 from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallback, NaNStop, LossTermsRecorder, plot_loss_terms,
                         LeanLogging)
 from .evaluation import extract_features
-from .loaders import CachedBatches, reid_test_dl
+from .loaders import reid_test_dl
 from .recipes import get_recipe, recipe_model, recipe_loss, recipe_schedule
 from .optim import reid_opt_func
 
 # %% auto #0
-__all__ = ['cuda_loaders', 'reid_learner', 'plot_training', 'extract_image_features']
+__all__ = ['reid_learner', 'plot_training', 'extract_image_features']
 
 # %% ../nbs/05b_learner.ipynb #334fa360
-class _ToDeviceNonBlocking:
-    "Batch transform (first in `after_batch`): copy tensors from pinned memory to `device` without blocking the host"
-    order = -100
-    def __init__(self, device): self.device = device
-    def __call__(self, b, **kwargs):
-        if isinstance(b, (tuple, list)): return type(b)(self(o) for o in b)
-        return b.to(self.device, non_blocking=True) if isinstance(b, torch.Tensor) else b
-    def decode(self, b, **kwargs): return b
-    def setup(self, *args, **kwargs): pass
-
-def cuda_loaders(dls):
-    "On CUDA, for the PIL path: pinned-memory batches copied with `non_blocking=True` (instead of fastai's blocking `to_device`)"
-    dev = torch.device(getattr(dls, 'device', None) or 'cpu')
-    if dev.type != 'cuda' or getattr(dls, '_cuda_ready', False): return dls
-    for dl in dls.loaders:
-        if isinstance(dl, CachedBatches): continue  # the cached path gathers its batches on the device already
-        dl.pin_memory = dl.fake_l.pin_memory = True
-        dl.device = None  # fastai's own (blocking) copy is replaced by the first batch transform
-        dl.after_batch.fs.insert(0, _ToDeviceNonBlocking(dev))
-    dls._cuda_ready = True
-    return dls
-
 def _auto_precision(device, mixed_precision):
     if mixed_precision != 'auto': return mixed_precision
     if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
@@ -94,7 +72,6 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     if 'center' in r.terms: cb_list.append(CenterLossOptimizer(lr=center_lr))
     if r.loss.get('camera_bias'): cb_list.append(CameraBiasSchedule())
     device = torch.device(getattr(dls, 'device', None) or 'cpu')
-    if device.type == 'cuda': cuda_loaders(dls)
     if channels_last is None: channels_last = device.type == 'cuda'
     if channels_last: cb_list.append(ChannelsLast())
     if compile: model.compile()

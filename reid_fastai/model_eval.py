@@ -11,7 +11,8 @@ with warnings.catch_warnings():  # fastai's import-time FutureWarning would prin
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from fastai.torch_core import get_model
 
-    from reid_fastai.data import ReIDInputError, available_cpus, query_gallery_df
+    from reid_fastai.data import ReIDInputError, query_gallery_df
+    from reid_fastai.images import available_cpus
     from reid_fastai.evaluation import compute_distmat, evaluate_rank, re_ranking, plot_cmc, show_retrieval, check_finite, AP_MODES
     from reid_fastai.model_io import load_reid_model, jsonable, _model_path
     from reid_fastai.provenance import device_name, git_commit

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 import reid_fastai
-from .data import make_demo_dataset
+from .demo import make_demo_dataset
 
 # %% auto #0
 __all__ = ['TINY_RUN', 'tiny_run']

@@ -16,6 +16,8 @@ from fastai.callback.progress import CSVLogger
 from fastai.torch_core import set_seed
 
 from . import data as reid_data
+from . import demo as reid_demo
+from .images import torch_threads
 from .models import pretrained_stats
 from .callbacks import ReIDCheckpoint, resume_from, latest_checkpoint, TimeBudget
 from .distributed import setup_distributed, distributed_context, main_process_first, is_main_process, get_world_size
@@ -102,7 +104,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                rerank:bool=False, # k-reciprocal re-ranking in the evaluation
                ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
-               threads:int=None, # torch CPU threads (default on the CPU: the cores not already busy)
+               threads:int=None, # torch CPU threads (default on the CPU: $OMP_NUM_THREADS, else the cores this process may use)
                max_minutes:float=None, # wall-clock budget of the fit: trains the epochs that fit, schedule rescaled, last one evaluated
                quiet:bool=False, # print only the final result line
                progress:bool=None, # fastai's progress bar (default: when printing to a terminal; else one line per epoch)
@@ -118,7 +120,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                 pretrained=pretrained, dl_kwargs=dl_kwargs)
     demo = data is None
     if demo:
-        with main_process_first(): data = reid_data.make_demo_dataset()
+        with main_process_first(): data = reid_demo.make_demo_dataset()
         defaults = demo_preset()
     else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
                           pretrained='imagenet', dl_kwargs={})
@@ -126,9 +128,8 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     aug = {k_: v for k_, v in dict(aa_p=aa_p, erase_p=erase_p, pad=pad).items() if v is not None}
     if aa_p == 0: aug['auto_augment'] = False
     dl_flags = {**r.data, **cfg['dl_kwargs'], **aug}
-    # on a shared CPU, more threads than free cores make every one of them wait: count what is free now (per process)
-    if threads or dev.type == 'cpu':
-        torch.set_num_threads(threads or max(1, reid_data.available_cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    n_threads, why_threads = torch_threads(threads)   # one policy: the cores this process may use (affinity, cgroup quota)
+    if threads or dev.type == 'cpu': torch.set_num_threads(n_threads)
     set_seed(seed, reproducible=True)
     df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
     sizes = reid_data.reid_summary(df)
@@ -137,6 +138,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
         _say(f"{'the demo dataset ' if demo else ''}{data}: " + ', '.join(f"{s} {n.images:,} images / {n.ids:,} ids" for s, n in sizes.iterrows()))
         _say(f"recipe {r.name!r}" + (f"; defaults used: " + ', '.join(f"{k_}={v}" for k_, v in chosen.items()) if chosen else '')
              + ' (set any of them to override; --help lists the options)')
+        _say(f"on {device_name(dev)}" + (f": {torch.get_num_threads()} CPU threads ({why_threads})" if dev.type == 'cpu' else ''))
     stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
     with main_process_first():   # rank 0 builds the decoded-image cache, the others then read it
         dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,

@@ -1,4 +1,4 @@
-"""Checks of `reid_fastai.data` that a notebook cannot express: data loading in worker processes.
+"""Checks of the data modules that a notebook cannot express: data loading and image checks in worker processes.
 
 fastai calls `get_idxs` in the main process and hands chunks of indices to the workers, so identity-balanced
 batches, their reproducibility and the error for a broken image must survive `num_workers > 0`.
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from reid_fastai.data import make_demo_dataset, market1501_df  # noqa: E402
+from reid_fastai.data import market1501_df  # noqa: E402
+from reid_fastai.demo import make_demo_dataset  # noqa: E402
+from reid_fastai.cache import BadImagesError  # noqa: E402
 from reid_fastai.loaders import reid_dataloaders  # noqa: E402
 
 torch.set_num_threads(1)  # small tensors; extra threads only fight over a shared CI CPU
@@ -76,15 +78,47 @@ def test_two_processes_build_the_same_cache(demo_df, tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from reid_fastai.loaders import decode_images
+        from reid_fastai.cache import decode_images
         imgs = decode_images(open({str(paths)!r}).read().split('\\n'), cache_dir={str(tmp_path/'cache')!r}, workers=1, verbose=False)
         torch.save(imgs, sys.argv[1])
     """)
     procs = [subprocess.Popen([sys.executable, '-c', script, str(tmp_path/f'out{i}.pt')]) for i in range(2)]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
-    from reid_fastai.loaders import decode_images
+    from reid_fastai.cache import decode_images
     a, b = (torch.load(tmp_path/f'out{i}.pt') for i in range(2))
     assert torch.equal(a, b) and a.shape == (len(demo_df), 3, 128, 64)
     files = sorted(p.name for p in (tmp_path/'cache').iterdir())
     assert len(files) == 1 and files[0].startswith('decoded-') and files[0].endswith('.bin'), files   # no half-written leftovers
     assert torch.equal(decode_images(demo_df.path, cache_dir=tmp_path/'cache', verbose=False), a)
+
+
+@pytest.mark.parametrize("pipeline", ["pil", "cached"])
+def test_three_kinds_of_bad_image_in_worker_processes(demo_df, tmp_path, pipeline):
+    "A truncated JPEG, a file that is no image and an empty file, one per split: all named in one error, in the decoder's words, and all skipped"
+    data = Path(demo_df.path[0]).read_bytes()
+    bad = {"train": (tmp_path / "0001_c1s1_000001_00.jpg", data[:len(data) // 2]),
+           "query": (tmp_path / "0001_c1s1_000002_00.jpg", b"not an image"),
+           "gallery": (tmp_path / "0001_c1s1_000003_00.jpg", b"")}
+    for f, content in bad.values(): f.write_bytes(content)
+    train_pid, test_pid = (int(demo_df[demo_df.split == s].pid.iloc[0]) for s in ("train", "query"))
+    extra = pd.DataFrame({"path": [str(f) for f, _ in bad.values()], "pid": [train_pid, test_pid, test_pid], "camid": 0, "split": list(bad)})
+    df = pd.concat([demo_df, extra], ignore_index=True)
+    kw = dict(p=P, k=K, num_workers=WORKERS, pipeline=pipeline, device="cpu", size=SIZE, cache_dir=tmp_path / "cache")
+    with pytest.raises(BadImagesError) as e:
+        reid_dataloaders(df, **kw)
+    assert sorted(e.value.bad.path) == sorted(str(f) for f, _ in bad.values())
+    assert f"{bad['train'][0]}: OSError: image file is truncated (" in str(e.value), str(e.value)
+    dls = reid_dataloaders(df, bad_images="skip", **kw)
+    assert (len(dls.train_df), dls.n_query, len(dls.gallery_df)) == tuple((demo_df.split == s).sum() for s in ("train", "query", "gallery"))
+
+
+def test_importing_the_data_modules_adds_no_warning_filter():
+    "Warning filters belong to the command-line entry points: importing the data modules leaves the process's filters alone"
+    import subprocess, sys
+    code = ("import warnings, numpy, pandas, torch, PIL.Image, scipy, fastcore.parallel, fastcore.script, fastai.vision.core, fasttransform; "
+            "before = list(warnings.filters); "
+            "import reid_fastai.data, reid_fastai.demo, reid_fastai.images, reid_fastai.cache; "
+            "print([f for f in warnings.filters if f not in before])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -12,7 +12,8 @@ import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
 
-from reid_fastai.data import make_demo_dataset, reid_df
+from reid_fastai.data import reid_df
+from reid_fastai.demo import make_demo_dataset
 from reid_fastai.loaders import balanced_batches
 
 REPO = Path(__file__).resolve().parents[1]

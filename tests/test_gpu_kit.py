@@ -29,7 +29,8 @@ def test_repack_leaves_out_only_junk(tmp_path):
     "The repacked archive gives the same table and the same evaluation as the original (junk is dropped on reading)"
     sys.path.insert(0, str(REPO))
     import torch
-    from reid_fastai.data import make_demo_dataset, reid_df
+    from reid_fastai.data import reid_df
+    from reid_fastai.demo import make_demo_dataset
     from reid_fastai.loaders import reid_dataloaders
     from reid_fastai.models import ReIDNet
     from reid_fastai.evaluation import evaluate_reid

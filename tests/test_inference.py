@@ -6,7 +6,8 @@ import json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest, torch
 
-from reid_fastai.data import make_demo_dataset, reid_df
+from reid_fastai.data import reid_df
+from reid_fastai.demo import make_demo_dataset
 from reid_fastai.train import reid_train
 from reid_fastai.recipes import recipe_model
 from reid_fastai.data import ReIDInputError

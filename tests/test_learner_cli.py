@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest, torch
 from fastai.callback.core import Callback
 
-from reid_fastai.data import make_demo_dataset
+from reid_fastai.demo import make_demo_dataset
 from reid_fastai.callbacks import load_checkpoint_file
 from reid_fastai.train import reid_train
 from reid_fastai.cli import reid_train_cli
@@ -98,7 +98,7 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path):
 
 def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
     "Without --data: the demo dataset and the CPU preset for the options not given, and it says so (no training here)"
-    import reid_fastai.data as d
+    import reid_fastai.demo as d
     from fastai.learner import Learner
     from reid_fastai.train import DEMO_PRESET
     monkeypatch.setattr(d, 'make_demo_dataset', lambda *a, **k: Path(tiny_data))

@@ -42,7 +42,7 @@ def test_package_works_after_notebooks_patched_in_same_process(tmp_path):
         # the notebooks' versions are now the ones on `Learner`, as in a reused nbdev worker
         assert Learner.fit_recipe is not before and Learner.fit_recipe.__module__ != 'reid_fastai.learner'
 
-        from reid_fastai.data import make_demo_dataset
+        from reid_fastai.demo import make_demo_dataset
         from reid_fastai.train import reid_train   # the package's objects, as a later notebook imports them
         from reid_fastai.model_io import load_reid_model
         demo = make_demo_dataset(tmp_path/'demo', n_ids=20)
