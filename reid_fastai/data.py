@@ -4,8 +4,6 @@
 
 # %% ../nbs/00_data.ipynb #b06698ca
 from __future__ import annotations
-import warnings
-warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import os, re, io, json, math, random, shutil, tarfile, tempfile, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
