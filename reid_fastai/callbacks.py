@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_callbacks.ipynb #9e7c2de6
 from __future__ import annotations
-import math, os, random, sys, time, warnings
+import math, os, sys, time, warnings
 from functools import partial
 from bisect import bisect_right
 import numpy as np

@@ -4,12 +4,12 @@
 
 # %% ../nbs/03a_checkpoint.ipynb #a5b8ff61
 from __future__ import annotations
-import random, signal, sys, threading, time
+import os, random, signal, sys, threading, time
 from functools import partial
 from pathlib import Path
 import numpy as np, torch
 from torch import nn
-from fastcore.basics import store_attr, ifnone, patch
+from fastcore.basics import store_attr, patch
 from fastcore.foundation import L
 from fastai.learner import Learner
 from fastai.callback.core import Callback, CancelFitException
@@ -91,7 +91,7 @@ def checkpoint_state(learn, start_epoch:int, # the epoch the run continues in (0
             'opt': learn.opt.state_dict() if with_opt and learn.opt is not None else None, 'loss': _loss_state(learn),
             'cbs': {cb.name: cb.state_dict() for cb in stateful_callbacks(learn)}, 'recorder': _recorder_state(learn),
             'epoch': start_epoch - 1, 'start_epoch': start_epoch, 'start_iter': start_iter,
-            'train_iter': int(getattr(learn, 'train_iter', 0)), 'rng': rngs[0], 'rank_rng': rngs,
+            'train_iter': int(getattr(learn, 'train_iter', 0)), 'rng': rngs[0], 'rank_rng': rngs if len(rngs) > 1 else None,
             'epoch_rng': _per_rank(epoch_rng) if start_iter else None,
             'scaler': scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
 
@@ -345,12 +345,14 @@ class ResumableCSVLogger(CSVLogger):
         if not self._restored: self.rows = []
         self.file, self.old_logger, self.learn.logger = None, self.logger, self._write_line
     def _write_line(self, log):
-        if self.file is None:   # at the first row: by now `ResumeState.before_fit` has restored the rows
-            (self.path/self.fname).parent.mkdir(parents=True, exist_ok=True)
-            self.file = (self.path/self.fname).open('w')
-            for r in [list(map(str, self.recorder.metric_names))] + self.rows: self.file.write(','.join(r) + '\n')
         self.rows.append([str(t) for t in log])
-        super()._write_line(log)
+        if not rank_distrib():   # one process writes the file
+            if self.file is None:   # at the first row: by now `ResumeState.before_fit` has restored the rows
+                (self.path/self.fname).parent.mkdir(parents=True, exist_ok=True)
+                self.file = (self.path/self.fname).open('w')
+                for r in [list(map(str, self.recorder.metric_names))] + self.rows[:-1]: self.file.write(','.join(r) + '\n')
+            self.file.write(','.join(self.rows[-1]) + '\n'); self.file.flush(); os.fsync(self.file.fileno())
+        self.old_logger(log)
     def after_fit(self):
         if hasattr(self, 'gather_preds') or not in_fit(self.learn): return
         if self.file is not None: self.file.close()
