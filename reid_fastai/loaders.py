@@ -120,7 +120,8 @@ class ReIDBalancedDL(ReIDTestDL):
     @property
     def ranks(self) -> tuple:
         "(rank, number of ranks) it draws for"
-        return ifnone(self.rank, rank_distrib()), ifnone(self.world_size, max(1, num_distrib()))
+        own = self.__dict__   # (a loader unpickled from an older export.pkl has neither)
+        return ifnone(own.get('rank'), rank_distrib()), ifnone(own.get('world_size'), max(1, num_distrib()))
     def __len__(self):
         if not self.shuffle: return super().__len__()
         return len(self.labels) // (self.p * self.k * self.ranks[1])   # the same on every rank, as DDP needs
@@ -136,7 +137,8 @@ class ReIDBalancedDL(ReIDTestDL):
 
     def new(self, dataset=None, cls=None, **kwargs):
         labels = self.labels if dataset is None or len(dataset) == len(self.labels) else np.zeros(0, dtype='int64')  # new_empty
-        kw = dict(p=self.p, k=self.k, labels=labels, vocab=self.vocab, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        kw = dict(p=self.p, k=self.k, labels=labels, vocab=self.vocab, seed=self.seed, rank=self.__dict__.get('rank'),
+                  world_size=self.__dict__.get('world_size'))
         return super().new(dataset, cls, **{**kw, **kwargs})
 
     def show_batch(self, b=None, max_ids:int=8, ids_per_row:int=2, figsize=None, **kwargs):
