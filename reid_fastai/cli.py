@@ -4,9 +4,8 @@
 
 # %% ../nbs/05d_cli.ipynb #a3fcba60
 from __future__ import annotations
-import sys, traceback, warnings
+import signal, sys, traceback, warnings
 from fastcore.script import anno_parser, Param, store_true
-
 
 # %% auto #0
 __all__ = ['run_cli', 'recipes_table', 'reid_train_cli', 'reid_eval_cli']
@@ -70,10 +69,20 @@ def _one_line_warnings(prog:str):
         print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
     warnings.showwarning = show
 
+class _Terminated(KeyboardInterrupt):
+    "SIGTERM outside the training loop (inside it, `ReIDCheckpoint` saves first): a message and exit status 143, not a silent death"
+    exit_code = 143
+    def __init__(self, *args): super().__init__('terminated by SIGTERM (outside the training loop: nothing saved)')
+
+def _raise_terminated(signum, frame): raise _Terminated()
+
 def run_cli(prog:str, fn, kwargs:dict, debug:bool=False):
     "Call `fn(**kwargs)`; on an error print one line `prog: error: ...` on stderr and exit with `_exit_code` (the traceback with `debug`)"
     try: return fn(**kwargs)
-    except KeyboardInterrupt: print(f"{prog}: interrupted", file=sys.stderr); sys.exit(130)
+    except KeyboardInterrupt as e:   # a `TrainingInterrupted` says where its checkpoint is, and its exit status (128 + signal)
+        code = getattr(e, 'exit_code', 130)
+        print(f"{prog}: {e if code != 130 or str(e) else 'interrupted (outside the training loop: nothing saved)'}", file=sys.stderr, flush=True)
+        sys.exit(code)
     except Exception as e:
         if debug: traceback.print_exc()
         code = _exit_code(e)
@@ -96,11 +105,13 @@ def reid_train_cli(argv=None):
     if args.pop('list_recipes'): print(recipes_table()); return None
     _one_line_warnings('reid_train')
     args['ap_mode'] = args.pop('ap')
-    from reid_fastai.train import reid_train   # torch, fastai and timm load only now, after --help and --list-recipes
+    if console: signal.signal(signal.SIGTERM, _raise_terminated)
+    with warnings.catch_warnings():   # fastai's FutureWarning at import (`torch.jit.script` is deprecated): not the user's concern
+        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+        from reid_fastai.train import reid_train   # torch, fastai and timm load only now, after --help and --list-recipes
     res = run_cli('reid_train', reid_train, args, debug)
     if res.get('nan_stop'): sys.exit(4)   # results.json is written; the exit status says the run did not finish
     return None if console else res  # a console script's return value becomes its exit status
-
 
 # %% ../nbs/05d_cli.ipynb #e44f81ae
 def _eval_args(

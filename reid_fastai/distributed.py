@@ -4,53 +4,31 @@
 
 # %% ../nbs/04a_distributed.ipynb #2a85ba79
 from __future__ import annotations
-import contextlib, datetime, os, random, re, warnings
+import contextlib, datetime, os, random
 import numpy as np, torch
 import torch.distributed as dist
 from torch import nn
-from fastcore.basics import ifnone, camel2snake
-from fastai.callback.core import Callback, CancelFitException
-from fastai.torch_core import get_model
-from fastai.distributed import DistributedTrainer   # also adds `Learner.distrib_ctx`
-from .loaders import balanced_batches, ReIDBalancedDL, ReIDCachedBalancedDL, ReIDTestDL
-from .callbacks import NaNStop, ReIDCheckpoint, ReIDEvalCallback, TimeBudget, center_loss_terms
-from .evaluation import evaluate_reid, extract_features, _model_device
+from fastcore.basics import ifnone
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.torch_core import get_model, rank_distrib, num_distrib
+from fastai.distributed import DistributedTrainer
+from accelerate import PartialState
+from accelerate.utils import broadcast, broadcast_object_list
+from .loaders import ReIDBalancedDL, ReIDTestDL
+from .callbacks import ReIDEvalCallback
+from .evaluation import evaluate_reid, extract_features
 
 # %% auto #0
-__all__ = ['EVAL_MODES', 'get_rank', 'get_world_size', 'is_main_process', 'is_distributed', 'setup_distributed',
-           'main_process_first', 'broadcast_', 'all_reduce_mean_', 'broadcast_object', 'distributed_pk_batches',
-           'DistributedPK', 'DistributedBalancedDL', 'DistributedCachedBalancedDL', 'distribute_train_loader',
-           'undistribute_train_loader', 'shard_test_loader', 'distributed_evaluate', 'revert_sync_batchnorm',
-           'ReIDDistributedTrainer', 'DistributedReID', 'RankSeed', 'CollectiveNaNStop', 'MainProcessCheckpoint',
-           'DistributedReIDEval', 'MainProcessClock', 'adapt_callbacks', 'distributed_context']
+__all__ = ['EVAL_MODES', 'setup_distributed', 'shard_test_loader', 'distributed_evaluate', 'revert_sync_batchnorm',
+           'ReIDDistributedTrainer', 'RankSeed', 'distributed_context']
 
 # %% ../nbs/04a_distributed.ipynb #00cd7496
-def get_rank() -> int:
-    "This process's rank: torch.distributed's once the process group is up, else the launcher's `RANK` (0 when not launched)"
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
-    return int(os.environ.get('RANK', 0))
-
-def get_world_size() -> int:
-    "The number of processes: torch.distributed's once the process group is up, else the launcher's `WORLD_SIZE` (1 when not launched)"
-    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
-    return int(os.environ.get('WORLD_SIZE', 1))
-
-def is_main_process() -> bool:
-    "Whether this process is rank 0, the one that prints and writes files (always true in a single process)"
-    return get_rank() == 0
-
-def is_distributed() -> bool:
-    "Whether a process group of more than one process is up (collectives are needed)"
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-def _comm_device() -> torch.device:
-    "Where the tensors of a collective must be: the current GPU for NCCL, the CPU for gloo"
-    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-
 def setup_distributed(device=None, # 'cpu', 'cuda' (default: CUDA if available); launched, a GPU is chosen by LOCAL_RANK
                       timeout_minutes:float=30, # how long a rank waits for the others at a collective (e.g. during rank 0's evaluation)
                      ) -> torch.device:
-    "Join the process group of a `torchrun`/`accelerate launch` run (NCCL on CUDA, gloo on the CPU); returns this process's device"
+    "Join the process group of a `torchrun`/`accelerate launch` run (NCCL on CUDA, gloo on the CPU) and set accelerate's state to match; returns this process's device"
+    # not fastai's `setup_distrib`: that one takes a GPU id and joins with NCCL only
     world, launched = int(os.environ.get('WORLD_SIZE', 1)), 'LOCAL_RANK' in os.environ
     local = int(os.environ.get('LOCAL_RANK', 0))
     dev = torch.device(device if device is not None else ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -62,141 +40,12 @@ def setup_distributed(device=None, # 'cpu', 'cuda' (default: CUDA if available);
             dev = torch.device('cuda', local)
         elif dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo', init_method='env://',
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        PartialState(cpu=dev.type != 'cuda')   # accelerate's collectives and the `Accelerator` of the fit: this group, this device
     return dev
-
-@contextlib.contextmanager
-def main_process_first():
-    "Run the block on rank 0 first (e.g. writing the demo data or a decoded-image cache), then on the other ranks"
-    if not is_distributed(): yield; return
-    if not is_main_process(): dist.barrier()
-    try: yield
-    finally:
-        if is_main_process(): dist.barrier()
-
-# %% ../nbs/04a_distributed.ipynb #2e99ad75
-def broadcast_(tensors, src:int=0) -> list:
-    "Overwrite `tensors` (a tensor or a list of them: parameters, buffers) in place with rank `src`'s values"
-    ts = [tensors] if torch.is_tensor(tensors) else [t for t in tensors if t is not None]
-    if not is_distributed(): return ts
-    for t in ts:
-        buf = t.detach().to(_comm_device()).contiguous()
-        dist.broadcast(buf, src)
-        with torch.no_grad(): t.copy_(buf)
-    return ts
-
-def all_reduce_mean_(tensors) -> list:
-    "Average `tensors` (e.g. gradients) across ranks in place, in one all-reduce of their concatenation (float32)"
-    ts = [t for t in tensors if t is not None]
-    if not is_distributed() or not ts: return ts
-    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), torch.float32) for t in ts])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    o = 0
-    with torch.no_grad():
-        for t in ts: t.copy_(flat[o:o + t.numel()].view_as(t)); o += t.numel()
-    return ts
-
-def broadcast_object(obj, src:int=0):
-    "Rank `src`'s `obj` (anything picklable) on every rank"
-    if not is_distributed(): return obj
-    box = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(box, src)
-    return box[0]
-
-def _all_true(flag:torch.Tensor) -> torch.Tensor:
-    "`flag` (a 0-d bool tensor on the device) and-ed across ranks; on NCCL an asynchronous all-reduce, no host sync"
-    t = flag.detach().reshape(1).to(_comm_device(), torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.reshape(()).bool().to(flag.device)
-
-def _first_rank(flag:bool) -> int|None:
-    "The lowest rank whose `flag` is true (None if none): one all-reduce, read on the host"
-    n = dist.get_world_size()
-    t = torch.tensor([get_rank() if flag else n], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    r = int(t)
-    return None if r == n else r
-
-# %% ../nbs/04a_distributed.ipynb #d2a0a03b
-def _check_distributed_pk(p:int, k:int, labels, world_size:int):
-    n_ids = len(np.unique(labels))
-    if p * world_size > n_ids:
-        raise ValueError(f"p={p} identities per rank x {world_size} ranks = {p*world_size} distinct identities per step, but the "
-                         f"training set has only {n_ids}: use p<={n_ids//world_size} or fewer processes")
-    if p * k * world_size > len(labels):
-        raise ValueError(f"a step of {world_size} ranks x p*k={p}*{k} images needs {p*k*world_size} images, but the training set "
-                         f"has only {len(labels)}: lower p, k or the number of processes")
-
-def distributed_pk_batches(labels, # the identity label of every training item
-                           p:int=16, # identities per batch of each rank
-                           k:int=4, # images per identity
-                           world_size:int=1, # number of ranks
-                           rank:int=0, # this rank
-                           n_batches:int|None=None, # batches per rank (default: about one epoch across all ranks)
-                           rng=None, # seed (the same on every rank) or `np.random.Generator`
-                          ) -> list:
-    "This rank's share of `n_batches` global draws of P*`world_size` distinct identities x K: rank r gets identities r*P..(r+1)*P-1"
-    labels = np.asarray(labels)
-    if not 0 <= rank < world_size: raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
-    _check_distributed_pk(p, k, labels, world_size)
-    n_batches = ifnone(n_batches, len(labels) // (p * k * world_size))
-    steps = balanced_batches(labels, p * world_size, k, n_batches, rng)   # one global P*N x K draw per step
-    return [b[rank * p * k:(rank + 1) * p * k] for b in steps]   # each step is P*N whole groups of K: slice P of them
-
-# %% ../nbs/04a_distributed.ipynb #ece3b277
-class DistributedPK:
-    "Mixin for `ReIDBalancedDL`: in training, each epoch yields this rank's share of global P*N x K steps (`distributed_pk_batches`)"
-    per_rank = True   # already this rank's batches: `ReIDDistributedTrainer` does not re-shard it
-    def __init__(self, *args, rank:int|None=None, world_size:int|None=None, **kwargs):
-        self.rank, self.world_size = ifnone(rank, get_rank()), ifnone(world_size, get_world_size())
-        super().__init__(*args, **kwargs)
-        if self.shuffle and len(self.labels): _check_distributed_pk(self.p, self.k, self.labels, self.world_size)
-
-    def __len__(self):
-        if not self.shuffle: return super().__len__()
-        return len(self.labels) // (self.p * self.k * self.world_size)   # the same on every rank, as DDP needs
-
-    def get_idxs(self):
-        if not self.shuffle: return super().get_idxs()
-        if self.seed is None and self.world_size > 1:
-            raise ValueError("the ranks must draw from one shared seed: give the loader a `seed` (distribute_train_loader does)")
-        seed = [self.seed, self.epoch] if self.seed is not None else self.rng.getrandbits(64)
-        self.epoch += 1
-        return np.concatenate(distributed_pk_batches(self.labels, self.p, self.k, self.world_size, self.rank,
-                                                     len(self), rng=seed)).tolist()
-
-    def new(self, dataset=None, cls=None, **kwargs):
-        return super().new(dataset, cls, **{'rank': self.rank, 'world_size': self.world_size, **kwargs})
-
-class DistributedBalancedDL(DistributedPK, ReIDBalancedDL):
-    "`ReIDBalancedDL` (PIL path) that yields this rank's P x K batches of each global step"
-
-class DistributedCachedBalancedDL(DistributedPK, ReIDCachedBalancedDL):
-    "`ReIDCachedBalancedDL` (cached path) that yields this rank's P x K batches of each global step"
-
-_DISTRIBUTED_DL = {ReIDCachedBalancedDL: DistributedCachedBalancedDL, ReIDBalancedDL: DistributedBalancedDL}
-
-def distribute_train_loader(dls, rank:int|None=None, world_size:int|None=None):
-    "Make `dls.train` (a `ReIDBalancedDL`/`ReIDCachedBalancedDL`) yield this rank's share of P*N x K steps, in place; returns `dls`"
-    dl = dls.train
-    rank, world_size = ifnone(rank, get_rank()), ifnone(world_size, get_world_size())
-    if not isinstance(dl, DistributedPK):
-        cls = _DISTRIBUTED_DL.get(type(dl))
-        if cls is None: raise TypeError(f"distribute_train_loader: expected a ReIDBalancedDL or ReIDCachedBalancedDL, got {type(dl).__name__}")
-        _check_distributed_pk(dl.p, dl.k, dl.labels, world_size)
-        dl.__class__, dl._single_cls = cls, type(dl)
-    if dl.seed is None: dl.seed = broadcast_object(random.getrandbits(63))   # one shared sampler seed
-    dl.rank, dl.world_size = rank, world_size
-    return dls
-
-def undistribute_train_loader(dls):
-    "Undo `distribute_train_loader`: `dls.train` back to its single-process class"
-    dl = dls.train
-    if isinstance(dl, DistributedPK) and hasattr(dl, '_single_cls'): dl.__class__ = dl.__dict__.pop('_single_cls')
-    return dls
 
 # %% ../nbs/04a_distributed.ipynb #9201fa79
 class _FixedIdxs:
@@ -206,7 +55,7 @@ class _FixedIdxs:
 
 def shard_test_loader(dl, rank:int|None=None, world_size:int|None=None) -> tuple:
     "A copy of test loader `dl` that yields its batches `rank, rank+N, ...`, each exactly as `dl` makes it; and their positions in `dl`'s order"
-    rank, world_size = ifnone(rank, get_rank()), ifnone(world_size, get_world_size())
+    rank, world_size = ifnone(rank, rank_distrib()), ifnone(world_size, max(1, num_distrib()))
     if dl.shuffle: raise ValueError("shard_test_loader: the test loader must not shuffle")
     idxs, bs = list(dl.get_idxs()), dl.bs
     starts = [s for s in range(0, len(idxs), bs) if not (dl.drop_last and s + bs > len(idxs))]
@@ -222,6 +71,16 @@ class _Precomputed(nn.Module):
 
 EVAL_MODES = ('gather', 'rank0')
 
+def _gathered(parts, model, dls, normalize, **kwargs):
+    "Rank 0: the evaluation of the features gathered from every rank (`parts`: positions and features), as one process computes it"
+    n, dim = sum(len(p) for p, _ in parts), next(m[0].shape[1] for _, m in parts if m is not None)
+    feats, pids, camids = torch.empty(n, dim), torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+    for p, m in parts:
+        if m is not None: feats[p], pids[p], camids[p] = m
+    dev = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device   # where one process computes the distances (CPU: no weights)
+    return evaluate_reid(_Precomputed(dev), dls, dl=[(feats.to(dev), pids.to(dev), camids.to(dev))], flip=False,
+                         normalize=normalize, **kwargs)
+
 def distributed_evaluate(model, dls, mode:str='gather', # 'gather': every rank extracts some test batches; 'rank0': rank 0 alone
                          dl=None, # the test loader (default `dls.valid`, queries first)
                          **kwargs, # `evaluate_reid` arguments (flip, normalize, metric, rerank, ...)
@@ -229,29 +88,21 @@ def distributed_evaluate(model, dls, mode:str='gather', # 'gather': every rank e
     "`evaluate_reid` under DDP, equal to a single-process evaluation by rank 0; the result (or its error) on every rank"
     if mode not in EVAL_MODES: raise ValueError(f"mode must be one of {EVAL_MODES}, got {mode!r}")
     model = get_model(model)   # never DDP's forward: it would wait for the other ranks
-    if not is_distributed(): return evaluate_reid(model, dls, dl=dl, **kwargs)
-    dl = ifnone(dl, dls.valid)
-    broadcast_(list(model.buffers()))   # BatchNorm statistics: rank 0's (each rank updated its own in its last batch)
-    res = None
+    if num_distrib() <= 1: return evaluate_reid(model, dls, dl=dl, **kwargs)
+    dl, main, res = ifnone(dl, dls.valid), not rank_distrib(), None
+    broadcast(list(model.buffers()))   # BatchNorm statistics: rank 0's (each rank updated its own in its last batch)
     if mode == 'gather':
         flip, normalize = kwargs.pop('flip', True), kwargs.pop('normalize', True)
         part, pos = shard_test_loader(dl)
         mine = tuple(t.cpu() for t in extract_features(model, part, flip=flip, normalize=False)) if pos else None
-        parts = [None] * dist.get_world_size() if is_main_process() else None
-        dist.gather_object((pos, mine), parts, dst=0)
-        if is_main_process():
-            n, dim = sum(len(p) for p, _ in parts), next(m[0].shape[1] for _, m in parts if m is not None)
-            feats, pids, camids = torch.empty(n, dim), torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
-            for p, m in parts:
-                if m is not None: feats[p], pids[p], camids[p] = m
-            dev = _model_device(model)   # where a single-process evaluation computes the distances
-            run = lambda: evaluate_reid(_Precomputed(dev), dls, dl=[(feats.to(dev), pids.to(dev), camids.to(dev))],
-                                        flip=False, normalize=normalize, **kwargs)
-    elif is_main_process(): run = lambda: evaluate_reid(model, dls, dl=dl, **kwargs)
-    if is_main_process():
+        parts = [None] * num_distrib() if main else None
+        dist.gather_object((pos, mine), parts, dst=0)   # to rank 0 only: accelerate's `gather_object` sends them to every rank
+        run = lambda: _gathered(parts, model, dls, normalize, **kwargs)
+    else: run = lambda: evaluate_reid(model, dls, dl=dl, **kwargs)
+    if main:
         try: res = run()
         except Exception as e: res = e
-    res = broadcast_object(res)
+    res = broadcast_object_list([res])[0]
     if isinstance(res, BaseException): raise res
     return res
 
@@ -273,159 +124,42 @@ def revert_sync_batchnorm(model:nn.Module, types:dict|None=None) -> nn.Module:
     return model
 
 # %% ../nbs/04a_distributed.ipynb #b85702f9
-def _keep_name(base):
-    "The fastai `name` of callback class `base` (what checkpoints key callback states by), for a subclass standing in for it"
-    n = camel2snake(re.sub('Callback$', '', base.__name__) or 'callback')
-    return property(lambda self: n)
-
 class ReIDDistributedTrainer(DistributedTrainer):
     "fastai's `DistributedTrainer` (model in DDP via accelerate) that leaves the re-ID loaders alone and undoes SyncBatchNorm after the fit"
-    name = _keep_name(DistributedTrainer)
     def before_fit(self):
         self._bn_types = {n: type(m) for n, m in self.learn.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                           and not isinstance(m, nn.SyncBatchNorm)} if self.sync_bn else {}
         super().before_fit()
     def _wrap_dl(self, dl):
-        # fastai's `DistributedDL` would re-shard the P x K train batches and broadcast on CUDA; the test loader is evaluated
-        # by `distributed_evaluate`
-        if getattr(dl, 'per_rank', False): return dl
-        if isinstance(dl, ReIDBalancedDL) and dl.shuffle:
-            raise TypeError("the P x K train loader is not per rank: call distribute_train_loader(dls) (distributed_context does)")
-        if isinstance(dl, ReIDTestDL): return dl
+        # fastai's `DistributedDL` would re-shard the P x K train batches (`ReIDBalancedDL` draws this rank's) and broadcast
+        # on CUDA; the test loader is evaluated by `distributed_evaluate`
+        if getattr(dl, 'per_rank', False) or isinstance(dl, ReIDTestDL): return dl
         return super()._wrap_dl(dl)
     def after_fit(self):
         super().after_fit()
         if getattr(self, '_bn_types', None): revert_sync_batchnorm(self.learn.model, self._bn_types)
 
 # %% ../nbs/04a_distributed.ipynb #048aa88b
-class DistributedReID(Callback):
-    "What DDP does not do for a re-ID learner: start every rank with rank 0's loss state (centres), average the centres' gradients"
-    order = 10.5   # `before_step`: after MixedPrecision (10), before `CenterLossOptimizer` (11) checks, rescales (1/beta) and steps them
-    def __init__(self, eval_mode:str='gather'): self.eval_mode, self._undo = eval_mode, []
-    def before_fit(self):
-        if not is_distributed(): return
-        self._undo += adapt_callbacks(self.learn, self.eval_mode)   # also those passed to `fit(cbs=...)`
-        lf = self.learn.loss_func
-        if isinstance(lf, nn.Module): broadcast_(list(lf.parameters()) + list(lf.buffers()))
-    def before_step(self):
-        if not is_distributed(): return
-        all_reduce_mean_([t.centers.grad for _, t, _ in center_loss_terms(self.learn.loss_func)])
-    def undo(self):
-        for f in reversed(self._undo): f()
-        self._undo = []
-
 class RankSeed(Callback):
     "Seed Python, NumPy and torch from (`seed`, rank, epoch) at each training epoch: augmentations differ across ranks, resume-proof"
-    order = 72   # `before_train`: after `ResumeState` (71) restored rank 0's random states from the checkpoint
+    order = 72   # `before_train`: after `ResumeState` (69) restored the random states from the checkpoint
     def __init__(self, seed:int): self.seed = seed
     def before_train(self):
-        s = np.random.SeedSequence([int(self.seed) % 2**63, get_rank(), int(self.epoch)]).generate_state(3)
+        s = np.random.SeedSequence([int(self.seed) % 2**63, rank_distrib(), int(self.epoch)]).generate_state(3)
         random.seed(int(s[0])); np.random.seed(int(s[1])); torch.manual_seed(int(s[2]))
-
-class CollectiveNaNStop(NaNStop):
-    "`NaNStop` whose decisions are collective: a non-finite loss on any rank skips that step and then stops every rank"
-    name = _keep_name(NaNStop)
-    def after_loss(self):
-        if not self.training or not is_distributed(): return super().after_loss()
-        if self._on_device:
-            super().after_loss()   # records this rank's first bad batch on the device
-            # the step must be skipped on every rank (the averaged gradients carry the NaN everywhere): one 4-byte
-            # all-reduce, asynchronous on NCCL (no host sync)
-            ok = _all_true(self.learn.loss_ok)
-            self.learn.loss_ok, self.learn.opt.opt.found_inf = ok, (~ok).float()
-            return
-        loss = self.learn.loss   # fastai's optimizers: NaNStop syncs every batch already; one more small all-reduce
-        ok = torch.isfinite(loss).all()
-        vals = self._term_values(loss)
-        src = _first_rank(not bool(ok))
-        self.learn.loss_ok = ok
-        if src is not None: self._stop((self.epoch, self.iter, self.train_iter), self._bcast_vals(vals, src), src)
-
-    def _bcast_vals(self, vals, src):
-        t = broadcast_(torch.stack([v.detach().float().reshape(()) for v in vals.values()]).to(_comm_device()), src)[0]
-        return dict(zip(vals, t))
-
-    def _check(self):
-        if not is_distributed(): return super()._check()
-        n, big = dist.get_world_size(), 2**40
-        first = self._first if self._first is not None else torch.tensor(-1)
-        key = torch.where(first >= 0, first, torch.full_like(first, big)) * n + get_rank()
-        key = key.reshape(1).to(_comm_device(), torch.long)
-        dist.all_reduce(key, op=dist.ReduceOp.MIN)
-        g = int(key)   # the one host sync, every `check_every` batches as in `NaNStop`, now for all ranks
-        if g < big * n: self._stop(self._positions[g // n], self._bcast_vals(self._vals, g % n), g % n)
-        if self._n is not None: self._n.zero_()
-        self._positions = []
-
-    def _stop(self, position, vals, rank=None):
-        try: super()._stop(position, vals)
-        except CancelFitException:
-            if rank is not None:
-                self.learn.nan_stop['rank'] = rank
-                if is_main_process(): warnings.warn(f"NaNStop: the non-finite loss was on rank {rank} of {get_world_size()}; "
-                                                    "every rank stopped after the same batch", RuntimeWarning)
-            raise
-
-class MainProcessCheckpoint(ReIDCheckpoint):
-    "`ReIDCheckpoint` that writes on rank 0 only; every rank waits until the file is there"
-    name = _keep_name(ReIDCheckpoint)
-    def save(self, epoch:int):
-        if is_main_process(): file = super().save(epoch)
-        else:
-            file = self.dir/f'{self.fname}_{epoch+1:03d}.pth'
-            if self.keep_last: self.saved = []
-            self.saved.append(file)
-        if is_distributed(): dist.barrier()
-        return file
-
-class DistributedReIDEval(ReIDEvalCallback):
-    "`ReIDEvalCallback` that evaluates with `distributed_evaluate` (`eval_mode`): the same metrics as one process, on every rank"
-    name = _keep_name(ReIDEvalCallback)
-    eval_mode = 'gather'
-    def evaluate(self) -> dict:
-        return distributed_evaluate(self.learn.model, self.learn.dls, mode=self.eval_mode, flip=self.flip, metric=self.metric,
-                                    rerank=self.rerank, **self.eval_kwargs)
-
-class MainProcessClock:
-    "A clock that gives rank 0's reading on every rank (one broadcast a call): `TimeBudget` then stops all ranks together"
-    def __init__(self, clock): self.clock = clock
-    def __call__(self):
-        t = torch.tensor([float(self.clock())], dtype=torch.float64)
-        return float(broadcast_(t)[0]) if is_distributed() else float(t)
-
-_COLLECTIVE = {NaNStop: CollectiveNaNStop, ReIDCheckpoint: MainProcessCheckpoint, ReIDEvalCallback: DistributedReIDEval}
-
-def adapt_callbacks(learn, eval_mode:str='gather') -> list:
-    "Swap the re-ID callbacks of `learn` for their collective versions, in place; returns the functions that undo it"
-    undo = []
-    def _swap(cb, cls):
-        old = cb.__class__
-        object.__setattr__(cb, '__class__', cls)   # not `Callback.__setattr__`, which warns about the learner's `__class__`
-        undo.append(lambda: object.__setattr__(cb, '__class__', old))
-    for cb in learn.cbs:
-        if type(cb) in _COLLECTIVE: _swap(cb, _COLLECTIVE[type(cb)])
-        if isinstance(cb, DistributedReIDEval) and cb.__dict__.get('eval_mode') != eval_mode:
-            cb.eval_mode = eval_mode
-            undo.append(lambda cb=cb: cb.__dict__.pop('eval_mode', None))
-        if isinstance(cb, TimeBudget) and not isinstance(cb.clock, MainProcessClock):
-            clock, cb.clock = cb.clock, MainProcessClock(cb.clock)
-            undo.append(lambda cb=cb, clock=clock: setattr(cb, 'clock', clock))
-        if type(cb) is DistributedTrainer: _swap(cb, ReIDDistributedTrainer)
-    return undo
 
 # %% ../nbs/04a_distributed.ipynb #e85851c9
 @contextlib.contextmanager
 def distributed_context(learn, sync_bn:bool=False, # SyncBatchNorm: BatchNorm statistics (the BNNeck's too) over the global batch (CUDA only)
-                        eval_mode:str='gather', # `distributed_evaluate` mode of the evaluation callback
+                        eval_mode:str|None=None, # `distributed_evaluate` mode of the evaluation callbacks in the block (default: theirs)
                         rank_seed:bool=True, # seed each rank's augmentations from (sampler seed, rank, epoch)
                         find_unused_parameters:bool=False, # DDP option, for models with parameters that some steps do not use
                         **accelerate_kwargs): # more `accelerate.Accelerator` arguments
-    "Train `learn` with DDP inside this block (fastai's `distrib_ctx`, on accelerate); a no-op in a single process"
-    if not is_distributed():
-        if get_world_size() > 1:
-            raise RuntimeError(f"WORLD_SIZE={get_world_size()} but no process group: call setup_distributed() first")
-        yield learn; return
-    if eval_mode not in EVAL_MODES: raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+    "Train `learn` with DDP inside this block (fastai's `DistributedTrainer`, on accelerate); a no-op in a single process"
+    world = num_distrib()
+    if world <= 1: yield learn; return
+    if not dist.is_initialized(): raise RuntimeError(f"WORLD_SIZE={world} but no process group: call setup_distributed() first")
+    if eval_mode is not None and eval_mode not in EVAL_MODES: raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
     dev = torch.device(getattr(learn.dls, 'device', None) or 'cpu')
     if sync_bn and dev.type != 'cuda':
         raise ValueError("sync_bn=True needs CUDA: torch's SyncBatchNorm trains on GPU tensors only; on the CPU (gloo) each "
@@ -434,18 +168,16 @@ def distributed_context(learn, sync_bn:bool=False, # SyncBatchNorm: BatchNorm st
     if find_unused_parameters:
         from accelerate.utils import DistributedDataParallelKwargs
         kw['kwargs_handlers'] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    undo = []
-    with learn.distrib_ctx(sync_bn=sync_bn, **{**kw, **accelerate_kwargs}):
-        try:
-            undo += adapt_callbacks(learn, eval_mode)
-            if isinstance(learn.dls.train, ReIDBalancedDL):   # other loaders: fastai's `DistributedDL`, unless `per_rank`
-                distribute_train_loader(learn.dls)
-                undo.append(lambda: undistribute_train_loader(learn.dls))
-            seed = learn.dls.train.seed if isinstance(learn.dls.train, DistributedPK) else broadcast_object(random.getrandbits(63))
-            helper = DistributedReID(eval_mode)
-            extra = [helper] + ([RankSeed(seed)] if rank_seed else [])
-            learn.add_cbs(extra)
-            undo += [lambda: learn.remove_cbs(extra), helper.undo]
-            yield learn
-        finally:
-            for f in reversed(undo): f()
+    train, evals = learn.dls.train, learn._grab_cbs(ReIDEvalCallback)
+    was = getattr(train, 'seed', None), [getattr(cb, 'eval_mode', 'gather') for cb in evals]
+    seed = broadcast_object_list([random.getrandbits(63)])[0]   # one for all ranks: the P x K draws' if the loader has none
+    if isinstance(train, ReIDBalancedDL) and train.seed is None: train.seed = seed
+    for cb, m in zip(evals, was[1]): cb.eval_mode = ifnone(eval_mode, m)
+    extra = [ReIDDistributedTrainer(sync_bn, **{**kw, **accelerate_kwargs})] + ([RankSeed(ifnone(was[0], seed))] if rank_seed else [])
+    bars = learn._grab_cbs(ProgressCallback) if rank_distrib() else []   # as fastai's `to_distributed`: one process shows progress
+    learn.remove_cbs(bars); learn.add_cbs(extra)
+    try: yield learn
+    finally:
+        learn.remove_cbs(extra); learn.add_cbs(bars)
+        if isinstance(train, ReIDBalancedDL): train.seed = was[0]
+        for cb, m in zip(evals, was[1]): cb.eval_mode = m

@@ -4,34 +4,53 @@
 
 # %% ../nbs/05b_learner.ipynb #b40c426c
 from __future__ import annotations
-import warnings
-warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 from functools import partial
 import torch
 from torch import nn
-from fastcore.basics import patch, ifnone
+from fastcore.basics import ifnone
 from fastcore.foundation import L
-from fastai.learner import Learner
+from fastai.learner import Learner, join_path_file
 from fastai.callback.channelslast import ChannelsLast
 from fastai.vision.core import imagenet_stats
 
 from .data import items_table
 from .models import reid_splitter
 from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallback, NaNStop, LossTermsRecorder, plot_loss_terms,
-                        LeanLogging)
+                        LeanLogging, fit_warmup_multistep)
+from .checkpoint import save_checkpoint, load_checkpoint
 from .evaluation import extract_features
 from .loaders import reid_test_dl
 from .recipes import get_recipe, recipe_model, recipe_loss, recipe_schedule
 from .optim import reid_opt_func
 
 # %% auto #0
-__all__ = ['reid_learner', 'plot_training', 'extract_image_features']
+__all__ = ['ReIDLearner', 'reid_learner', 'plot_training', 'extract_image_features']
 
 # %% ../nbs/05b_learner.ipynb #334fa360
 def _auto_precision(device, mixed_precision):
     if mixed_precision != 'auto': return mixed_precision
     if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     return None
+
+# %% ../nbs/05b_learner.ipynb #0fbf4ba8
+class ReIDLearner(Learner):
+    "The `Learner` of `reid_learner`: `fit_recipe` trains with the recipe's schedule; `save`/`load` keep the whole training state"
+    def fit_recipe(self, n_epoch:int|None=None, # epochs (default: the recipe's, 120); the schedule is rescaled to them
+                   lr:float|None=None, # peak learning rate (default: `learn.lr`)
+                   cbs=None, start_epoch:int=0, # `start_epoch` as returned by `resume_from`
+                   scale_schedule:bool=True, per_iter:bool=False):
+        "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`), scaled to `n_epoch` by iteration"
+        sched = recipe_schedule(getattr(self, 'recipe', 'paper'), n_epoch, scale_schedule)
+        fit_warmup_multistep(self, lr=ifnone(lr, self.lr), per_iter=per_iter, cbs=cbs, start_epoch=start_epoch, **sched)
+
+    def save(self, file, with_opt:bool=True, **kwargs):
+        "fastai's `save`, in this package's checkpoint format (`save_checkpoint`): the centres and callback states too"
+        return save_checkpoint(self, join_path_file(file, self.path/self.model_dir, ext='.pth'), with_opt=with_opt)
+
+    def load(self, file, device=None, with_opt:bool=True, strict:bool=True, **kwargs):
+        "fastai's `load` of what `save` wrote (or of a fastai `save` file): `load_checkpoint`"
+        load_checkpoint(self, join_path_file(file, self.path/self.model_dir, ext='.pth'), device, with_opt, strict)
+        return self
 
 # %% ../nbs/05b_learner.ipynb #29bce0ff
 def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders`)
@@ -75,7 +94,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     if channels_last is None: channels_last = device.type == 'cuda'
     if channels_last: cb_list.append(ChannelsLast())
     if compile: model.compile()
-    learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
+    learn = ReIDLearner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
                     wd_bn_bias=wd_bn_bias, splitter=partial(reid_splitter, loss=loss), cbs=cb_list + L(cbs), path=path)
     learn.recipe, learn.arch = r, arch
     prec = _auto_precision(device, mixed_precision)
@@ -84,16 +103,6 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     if prec == 'bf16': learn.to_bf16()
     elif prec == 'fp16': learn.to_fp16()
     return learn
-
-# %% ../nbs/05b_learner.ipynb #0fbf4ba8
-@patch
-def fit_recipe(self:Learner, n_epoch:int|None=None, # epochs (default: the recipe's, 120); the schedule is rescaled to them
-               lr:float|None=None, # peak learning rate (default: `learn.lr`)
-               cbs=None, start_epoch:int=0, # `start_epoch` as returned by `resume_from`
-               scale_schedule:bool=True, per_iter:bool=False):
-    "Train with the recipe's warmup + multi-step schedule (`fit_warmup_multistep`), scaled to `n_epoch` by iteration"
-    sched = recipe_schedule(getattr(self, 'recipe', 'paper'), n_epoch, scale_schedule)
-    self.fit_warmup_multistep(lr=ifnone(lr, self.lr), per_iter=per_iter, cbs=cbs, start_epoch=start_epoch, **sched)
 
 # %% ../nbs/05b_learner.ipynb #239d4dc0
 def plot_training(learn, fname=None, title:str|None=None):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math, os, warnings
 import numpy as np, pandas as pd, torch
 from fastcore.basics import ifnone
-from fastai.torch_core import default_device, show_image
+from fastai.torch_core import default_device, show_image, rank_distrib, num_distrib
 from fastai.data.core import Datasets, TfmdDL, DataLoaders
 from fastai.data.transforms import ItemGetter
 from fastai.vision.core import TensorImage, imagenet_stats
@@ -19,9 +19,9 @@ from .cache import BadImagesError, decode_images, place_images
 from .augment import reid_item_tfms, reid_batch_tfms, reid_device_tfms
 
 # %% auto #0
-__all__ = ['PIPELINES', 'check_pk', 'balanced_batches', 'ReIDTestDL', 'ReIDBalancedDL', 'CachedItems', 'CachedBatches',
-           'ReIDCachedTestDL', 'ReIDCachedBalancedDL', 'LoadImage', 'ReIDDataLoaders', 'reid_test_dl', 'pick_pipeline',
-           'reid_dataloaders']
+__all__ = ['PIPELINES', 'check_pk', 'balanced_batches', 'ReIDTestDL', 'distributed_pk_batches', 'ReIDBalancedDL', 'CachedItems',
+           'CachedBatches', 'ReIDCachedTestDL', 'ReIDCachedBalancedDL', 'LoadImage', 'ReIDDataLoaders', 'reid_test_dl',
+           'pick_pipeline', 'reid_dataloaders']
 
 # %% ../nbs/00b_loaders.ipynb #cfb4f816
 def check_pk(p:int, k:int, labels) -> None:
@@ -78,28 +78,72 @@ class ReIDTestDL(TfmdDL):
         if any(isinstance(t, _ToDeviceNonBlocking) for t in self.after_batch.fs): self._device = None
         return self
 
+# %% ../nbs/00b_loaders.ipynb #90529291
+def _check_world_pk(p:int, k:int, labels, world_size:int):
+    n_ids = len(np.unique(labels))
+    if p * world_size > n_ids:
+        raise ValueError(f"p={p} identities per rank x {world_size} ranks = {p*world_size} distinct identities per step, but the "
+                         f"training set has only {n_ids}: use p<={n_ids//world_size} or fewer processes")
+    if p * k * world_size > len(labels):
+        raise ValueError(f"a step of {world_size} ranks x p*k={p}*{k} images needs {p*k*world_size} images, but the training set "
+                         f"has only {len(labels)}: lower p, k or the number of processes")
+
+def distributed_pk_batches(labels, # the identity label of every training item
+                           p:int=16, # identities per batch of each rank
+                           k:int=4, # images per identity
+                           world_size:int=1, # number of ranks
+                           rank:int=0, # this rank
+                           n_batches:int|None=None, # batches per rank (default: about one epoch across all ranks)
+                           rng=None, # seed (the same on every rank) or `np.random.Generator`
+                          ) -> list:
+    "This rank's share of `n_batches` global draws of P*`world_size` distinct identities x K: rank r gets identities r*P..(r+1)*P-1"
+    labels = np.asarray(labels)
+    if not 0 <= rank < world_size: raise ValueError(f"rank={rank} is not in [0, world_size={world_size})")
+    _check_world_pk(p, k, labels, world_size)
+    n_batches = ifnone(n_batches, len(labels) // (p * k * world_size))
+    steps = balanced_batches(labels, p * world_size, k, n_batches, rng)   # one global P*N x K draw per step
+    return [b[rank * p * k:(rank + 1) * p * k] for b in steps]   # each step is P*N whole groups of K: slice P of them
+
+
 # %% ../nbs/00b_loaders.ipynb #2bdb4153
 class ReIDBalancedDL(ReIDTestDL):
-    "`TfmdDL` whose batches hold `p` identities x `k` images (identity-balanced sampling)"
+    "`TfmdDL` whose batches hold `p` identities x `k` images (identity-balanced sampling); under N processes, this rank's share of each global P*N x K step"
+    per_rank = True   # its batches are this rank's already: fastai's `DistributedDL` must not shard them again
     def __init__(self, dataset=None, p:int=16, k:int=4, labels=None, vocab=None, seed:int|None=None,
-                 bs:int|None=None, shuffle:bool=True, drop_last:bool=True, **kwargs):
+                 bs:int|None=None, shuffle:bool=True, drop_last:bool=True,
+                 rank:int|None=None, # the rank it draws for (default: `rank_distrib()` when it draws, 0 without a launcher)
+                 world_size:int|None=None, # the number of ranks (default: `num_distrib()`, 1 without a launcher)
+                 **kwargs):
         if labels is None: raise ValueError("ReIDBalancedDL needs `labels`: the identity label of every item")
         labels = np.asarray(labels)
         if dataset is not None and len(labels) != len(dataset): raise ValueError(f"{len(labels)} labels for {len(dataset)} items")
-        if shuffle and len(labels): check_pk(p, k, labels)
-        self.p, self.k, self.labels, self.seed, self.epoch = p, k, labels, seed, 0
+        self.p, self.k, self.labels, self.seed, self.epoch, self.rank, self.world_size = p, k, labels, seed, 0, rank, world_size
+        if shuffle and len(labels): check_pk(p, k, labels); _check_world_pk(p, k, labels, self.ranks[1])
         self.vocab = np.asarray(ifnone(vocab, np.unique(labels)))
         super().__init__(dataset, bs=ifnone(bs, p*k) if not shuffle else p*k, shuffle=shuffle, drop_last=drop_last if not shuffle else True, **kwargs)
 
+    @property
+    def ranks(self) -> tuple:
+        "(rank, number of ranks) it draws for"
+        own = self.__dict__   # (a loader unpickled from an older export.pkl has neither)
+        return ifnone(own.get('rank'), rank_distrib()), ifnone(own.get('world_size'), max(1, num_distrib()))
+    def __len__(self):
+        if not self.shuffle: return super().__len__()
+        return len(self.labels) // (self.p * self.k * self.ranks[1])   # the same on every rank, as DDP needs
+
     def get_idxs(self):
         if not self.shuffle: return super().get_idxs()
+        rank, world = self.ranks
+        if self.seed is None and world > 1:
+            raise ValueError("the ranks must draw from one shared seed: give the loader a `seed` (distributed_context gives one)")
         seed = [self.seed, self.epoch] if self.seed is not None else self.rng.getrandbits(64)
         self.epoch += 1
-        return np.concatenate(balanced_batches(self.labels, self.p, self.k, len(self), rng=seed)).tolist()
+        return np.concatenate(distributed_pk_batches(self.labels, self.p, self.k, world, rank, len(self), rng=seed)).tolist()
 
     def new(self, dataset=None, cls=None, **kwargs):
         labels = self.labels if dataset is None or len(dataset) == len(self.labels) else np.zeros(0, dtype='int64')  # new_empty
-        kw = dict(p=self.p, k=self.k, labels=labels, vocab=self.vocab, seed=self.seed)
+        kw = dict(p=self.p, k=self.k, labels=labels, vocab=self.vocab, seed=self.seed, rank=self.__dict__.get('rank'),
+                  world_size=self.__dict__.get('world_size'))
         return super().new(dataset, cls, **{**kw, **kwargs})
 
     def show_batch(self, b=None, max_ids:int=8, ids_per_row:int=2, figsize=None, **kwargs):

@@ -17,7 +17,7 @@ with warnings.catch_warnings():  # fastai's import-time FutureWarning would prin
     from reid_fastai.data import ReIDInputError, items_table
     from reid_fastai.loaders import ReIDTestDL, reid_test_dl
     from reid_fastai.models import pretrained_stats
-    from reid_fastai.callbacks import load_checkpoint_file, latest_checkpoint
+    from reid_fastai.checkpoint import load_checkpoint_file, checkpoint_weights, latest_checkpoint
     from reid_fastai.evaluation import extract_features
     from reid_fastai.recipes import Recipe, get_recipe, recipe_model
 
@@ -117,9 +117,8 @@ def load_checkpoint_weights(model:nn.Module, # the network to load into, built w
                             sd:dict|None=None, # its state dict, when already read
                            ) -> nn.Module:
     "Load a checkpoint's weights into `model` strictly; a class count or architecture that differs is a clear error"
-    if sd is None:
-        st = load_checkpoint_file(file)
-        sd = st['model'] if isinstance(st, dict) and isinstance(st.get('model'), dict) else st
+    if sd is None: sd = checkpoint_weights(load_checkpoint_file(file))
+    if sd is None: raise ReIDInputError(f"{file} holds no model weights: give a checkpoint of ReIDCheckpoint/save_checkpoint")
     own = get_model(model).state_dict()
     n_ck, n_model = _classifier_classes(sd), _classifier_classes(own)
     if n_ck is not None and n_model is not None and n_ck != n_model:
@@ -157,7 +156,7 @@ def _recipe_from(info:dict, recipe):
     return get_recipe(info['recipe']) if info.get('recipe') else None
 
 def _from_checkpoint(file:Path, st:dict, arch, recipe, size, n_classes, stats, pretrained) -> ReIDModel:
-    sd = st['model'] if isinstance(st.get('model'), dict) else st
+    sd = checkpoint_weights(st)
     info = _run_info(file)
     arch, size = arch or info.get('arch'), size or info.get('size')
     r = _recipe_from(info, recipe)
@@ -183,8 +182,7 @@ def _read_model_file(file:Path):
     "('checkpoint', dict) or ('learner', Learner) or ('module', nn.Module): what is in `file`"
     try:
         st = load_checkpoint_file(file)
-        if isinstance(st, dict) and (isinstance(st.get('model'), dict) or (st and all(isinstance(v, torch.Tensor) for v in st.values()))):
-            return 'checkpoint', st
+        if checkpoint_weights(st) is not None: return 'checkpoint', st
         why = f"it holds a {type(st).__name__} without model weights"
     except Exception as e: why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     try: res = load_learner(file, cpu=True)   # a pickle: fastai warns to load only files you trust

@@ -5,22 +5,22 @@
 # %% ../nbs/05c_train.ipynb #62ca4e7a
 from __future__ import annotations
 import warnings
-warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import json, math, os, sys, time
 from pathlib import Path
 import torch
 from fastcore.basics import ifnone, noop
 from fastcore.foundation import L
 from fastai.callback.core import Callback
-from fastai.callback.progress import CSVLogger
-from fastai.torch_core import set_seed
+from fastai.distributed import rank0_first
+from fastai.torch_core import set_seed, rank_distrib, num_distrib
 
 from . import data as reid_data
 from . import demo as reid_demo
 from .images import torch_threads
 from .models import pretrained_stats
-from .callbacks import ReIDCheckpoint, resume_from, latest_checkpoint, TimeBudget
-from .distributed import setup_distributed, distributed_context, main_process_first, is_main_process, get_world_size
+from .callbacks import TimeBudget
+from .checkpoint import ReIDCheckpoint, ResumableCSVLogger, TrainingInterrupted, resume_from, latest_checkpoint
+from .distributed import setup_distributed, distributed_context
 from .loaders import reid_dataloaders
 from .recipes import get_recipe
 from .learner import reid_learner, plot_training
@@ -100,7 +100,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                skip_bad_images:bool=False, # leave out (and list) images that cannot be decoded instead of stopping
                mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
                compile:bool=False, # `torch.compile` the model
-               checkpoint_every:int=5, # write a checkpoint every N epochs
+               checkpoint_every:int=5, # write a checkpoint every N epochs (and, on SIGINT/SIGTERM, at the next batch)
                rerank:bool=False, # k-reciprocal re-ranking in the evaluation
                ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
@@ -114,13 +114,13 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     "Train and evaluate a re-ID recipe; write results.json, history.csv, curves.png, checkpoints and export.pkl to `out`"
     r = get_recipe(recipe)
     dev = setup_distributed(device)   # under torchrun / accelerate launch: joins the process group, takes this rank's GPU
-    world, main = get_world_size(), is_main_process()
+    world, main = max(1, num_distrib()), not rank_distrib()
     quiet = quiet or not main         # one process speaks
     user = dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs, eval_every=eval_every, lr=lr,
                 pretrained=pretrained, dl_kwargs=dl_kwargs)
     demo = data is None
     if demo:
-        with main_process_first(): data = reid_demo.make_demo_dataset()
+        data = rank0_first(reid_demo.make_demo_dataset)
         defaults = demo_preset()
     else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
                           pretrained='imagenet', dl_kwargs={})
@@ -140,9 +140,9 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
              + ' (set any of them to override; --help lists the options)')
         _say(f"on {device_name(dev)}" + (f": {torch.get_num_threads()} CPU threads ({why_threads})" if dev.type == 'cpu' else ''))
     stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
-    with main_process_first():   # rank 0 builds the decoded-image cache, the others then read it
-        dls = reid_dataloaders(df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
-                               pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
+    # rank 0 builds the decoded-image cache, the others then read it
+    dls = rank0_first(reid_dataloaders, df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
+                      pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
     mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
     out = Path(out)
     learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp,
@@ -156,8 +156,9 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
         if ck is None:
             if main: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
         else:
-            start = resume_from(learn, out/'checkpoints')
-            if main: _say(f"resuming from {ck.name}, epoch {start}")
+            start = resume_from(learn, ck)
+            it = learn.resume_state.start_iter
+            if main: _say(f"resuming from {ck.name}, epoch {start}" + (f", batch {it}" if it else ''))
     config = dict(data=str(data), recipe=r.name, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.items()},
                   dl_flags=dl_flags, out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
                   max_minutes=max_minutes, mixed_precision=mixed_precision, compile=compile, checkpoint_every=checkpoint_every,
@@ -168,8 +169,10 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     with (learn.added_cbs([]) if bar else learn.no_bar()), distributed_context(learn):   # a no-op in one process
         if not bar: learn.logger = noop if quiet else EpochLines(learn)
         # the CSV logger only for the fit: it holds an open file, which `export` could not pickle
-        try: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=[CSVLogger(fname='history.csv', append=resume)] + L(cbs))
+        try: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=[ResumableCSVLogger('history.csv')] + L(cbs))
         finally: learn.logger = print
+    if getattr(learn, 'interrupted', None):   # SIGINT/SIGTERM: the state is saved; no results for an unfinished run
+        raise TrainingInterrupted(learn.interrupted, 'the same command with --resume (in Python: resume=True) continues from it')
     seconds = time.perf_counter() - t0
     timer, hist = learn.train_timer, getattr(learn, 'reid_history', None) or []
     t_sec, n_img, nan = getattr(timer, 'seconds', 0.), getattr(timer, 'images', 0), getattr(learn, 'nan_stop', None)
@@ -189,4 +192,3 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     if final: _say(f"R1 {final['R1']:.3f}  mAP {final['mAP']:.3f}  mINP {final['mINP']:.3f} after {res['epochs']} epochs in "
                    f"{seconds:.0f}s ({res['images_per_s']} train images/s) -> {out}")
     return res
-

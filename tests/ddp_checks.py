@@ -3,7 +3,7 @@
 
 Each check runs on every rank (the collectives need them all), compares what the ranks hold and a single-process
 computation, raises on a mismatch and leaves its numbers in OUT/checks.json (rank 0)."""
-import argparse, copy, json, math, os, sys, warnings
+import argparse, copy, json, math, os, signal, sys, time, warnings
 from pathlib import Path
 
 import numpy as np, torch
@@ -16,21 +16,23 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from reid_fastai.losses import ReIDLoss, TripletLoss, CenterLoss, CameraBias
-from reid_fastai.callbacks import CenterLossOptimizer, CameraBiasSchedule, NaNStop, SkipValidation, TimeBudget, camera_biases
+from fastai.torch_core import rank_distrib, num_distrib
+from reid_fastai.callbacks import (CenterLossOptimizer, CameraBiasSchedule, NaNStop, SkipValidation, TimeBudget, camera_biases,
+                                   fit_warmup_multistep)
+from reid_fastai.checkpoint import ReIDCheckpoint, resume_from
 from reid_fastai.optim import reid_opt_func
 from reid_fastai.models import ReIDNet
 from reid_fastai.data import reid_df
 from reid_fastai.loaders import reid_dataloaders
 from reid_fastai.evaluation import evaluate_reid
-from reid_fastai.distributed import (setup_distributed, distributed_context, distributed_evaluate, get_rank, get_world_size,
-                                     is_main_process, CollectiveNaNStop)
+from reid_fastai.distributed import setup_distributed, distributed_context, distributed_evaluate
 
 RESULTS = {}
 
 
 def gather(obj):
     "`obj` of every rank, in rank order, on every rank"
-    res = [None] * get_world_size()
+    res = [None] * num_distrib()
     dist.all_gather_object(res, obj)
     return res
 
@@ -60,8 +62,8 @@ def make_items(x, pid, cam): return list(zip(x, pid, cam))
 
 
 class GradRecorder(Callback):
-    "The gradients as the optimizers will use them: after DDP (backward) and `DistributedReID` (10.5) averaged them"
-    order = 10.7   # before_step: before CenterLossOptimizer (11) rescales the centres' gradients by 1/beta
+    "The gradients as the optimizers use them: after DDP (backward) and `CenterLossOptimizer` (11) averaged them (and x 1/beta)"
+    order = 11.5   # before_step: after CenterLossOptimizer averaged the centres' gradients and rescaled them by 1/beta
     def before_fit(self): self.model_grads, self.centre_grads = [], []
     def before_step(self):
         self.model_grads.append({n: p.grad.detach().clone() for n, p in self.learn.model.module.named_parameters()})
@@ -86,9 +88,12 @@ def check_centre_step(rank, world):
     rec = GradRecorder()
     learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(), lr=1e-2, wd=0.,
                     cbs=[CenterLossOptimizer(lr=centre_lr), NaNStop(), SkipValidation(), rec])
-    with learn.no_bar(), distributed_context(learn):
-        assert learn._grab_cbs(CollectiveNaNStop), 'NaNStop is collective inside the context'
-        learn.fit(1)
+    with learn.no_bar():
+        kinds = [(cb, type(cb)) for cb in learn.cbs]
+        with distributed_context(learn):
+            assert all(type(cb) is k for cb, k in kinds), 'no callback changes class: they are rank-aware themselves'
+            learn.fit(1)
+        assert [(cb, type(cb)) for cb in learn.cbs] == kinds, 'the context leaves the callbacks as they were'
     centres = learn.loss_func.terms['center'].centers.detach().clone()
     all_centres = gather(centres)
     assert all(torch.equal(c, all_centres[0]) for c in all_centres), 'every rank holds identical centres'
@@ -104,7 +109,7 @@ def check_centre_step(rank, world):
     ref_c = ref_loss.terms['center'].centers
     expected = init_centres - centre_lr * ref_c.grad / beta              # the centres' SGD step, gradient x 1/beta
     err_c = float((centres - expected).abs().max())
-    err_cg = float((rec.centre_grads[0] - ref_c.grad).abs().max())
+    err_cg = float((rec.centre_grads[0] * beta - ref_c.grad).abs().max())
     err_g = max(float((rec.model_grads[0][n] - q.grad).abs().max()) for n, q in ref_model.named_parameters())
     assert err_c < 1e-5 and err_cg < 1e-5, f"centres differ from the single-process step: {err_c}, grads {err_cg}"
     assert err_g < 1e-5, f"model gradients differ from the per-rank-mining reference: {err_g}"
@@ -133,7 +138,7 @@ def check_counters(rank, world):
             if self.training: seen.append((self.train_iter, float(self.opt.hypers[-1]['lr']), camera_biases(self.loss_func)[0].iteration))
     learn = Learner(dls, Lin(), loss_func=loss, opt_func=reid_opt_func(), lr=1e-2, cbs=[CameraBiasSchedule(), SkipValidation(), Seen()])
     with learn.no_bar(), distributed_context(learn):
-        learn.fit_warmup_multistep(2, lr=1e-2, warmup_epochs=1, milestones=(1,), per_iter=True)
+        fit_warmup_multistep(learn, 2, lr=1e-2, warmup_epochs=1, milestones=(1,), per_iter=True)
     all_seen = gather(seen)
     assert all(s == all_seen[0] for s in all_seen), f"ranks count differently: {all_seen}"
     assert [s[0] for s in seen] == [s[2] for s in seen] == list(range(1, 2 * n_b + 1))
@@ -141,7 +146,12 @@ def check_counters(rank, world):
     RESULTS['counters'] = all_seen[0]
 
 
-def check_nan_stop(rank, world, impl):
+class MyNaNStop(NaNStop):
+    "A user's subclass: collective as `NaNStop` is (nothing swaps classes by exact type)"
+    def after_train(self): super().after_train(); self.learn.my_nan_stop_ran = True
+
+
+def check_nan_stop(rank, world, impl, cls=NaNStop):
     "A NaN loss on rank 1 at batch 1: the step is skipped on every rank, every rank stops, all know where and which rank"
     g = torch.Generator().manual_seed(3)
     n_b, bs = 3, 8
@@ -156,10 +166,12 @@ def check_nan_stop(rank, world, impl):
         order = 100
         def after_step(self): snaps.append(torch.cat([q.detach().reshape(-1).clone() for q in self.learn.model.parameters()]))
     learn = Learner(dls, Lin(), loss_func=loss, opt_func=reid_opt_func(impl=impl), lr=1e-2,
-                    cbs=[NaNStop(check_every=25), CenterLossOptimizer(), SkipValidation(), Snap()])
+                    cbs=[cls(check_every=25), CenterLossOptimizer(), SkipValidation(), Snap()])
+    t0 = time.monotonic()
     with learn.no_bar(), warnings.catch_warnings(record=True) as w, distributed_context(learn):
         warnings.simplefilter('always')
         learn.fit(1)
+    seconds = max(gather(time.monotonic() - t0))   # a rank left waiting at a collective would fail at the 1-minute timeout
     stop = learn.nan_stop
     assert stop is not None and (stop['epoch'], stop['iter'], stop['rank']) == (0, 1, 1), stop
     assert not math.isfinite(stop['last']['loss']), stop   # rank 1's values, also on rank 0
@@ -173,7 +185,8 @@ def check_nan_stop(rank, world, impl):
         assert len(snaps) == 3 and torch.equal(snaps[0], snaps[1]) and not torch.equal(snaps[1], snaps[2])
     else:                 # fastai's Adam: NaNStop decides every batch, on the host: stopped before step 1
         assert len(snaps) == 1 and torch.equal(final, snaps[0])
-    RESULTS[f'nan_stop_{impl}'] = dict(stop=stop, steps=len(snaps), warned=[str(m.message)[:200] for m in w if 'NaNStop' in str(m.message)])
+    RESULTS[f'nan_stop_{impl}' + ('' if cls is NaNStop else '_subclass')] = dict(
+        stop=stop, steps=len(snaps), seconds=seconds, warned=[str(m.message)[:300] for m in w if 'NaNStop' in str(m.message)])
 
 
 def check_time_budget(rank, world):
@@ -232,22 +245,56 @@ def check_sync_bn_refused(rank, world):
     except ValueError as e: assert 'needs CUDA' in str(e)
 
 
+def check_interrupt(rank, world, out):
+    "SIGTERM to rank 1 alone inside epoch 0: every rank stops after the same batch, rank 0 saves; resumed, the run ends as an uninterrupted one"
+    g = torch.Generator().manual_seed(5)
+    n_b, bs = 4, 8
+    x, pid, cam = torch.randn(n_b * bs, 6, generator=g) + rank, torch.arange(n_b * bs) // 4 % 4, torch.arange(n_b * bs) % 3
+    batches = [make_items(x[i*bs:(i+1)*bs], pid[i*bs:(i+1)*bs], cam[i*bs:(i+1)*bs]) for i in range(n_b)]
+    class Sigterm(Callback):
+        order = 60
+        def after_batch(self):
+            if rank == 1 and self.training and (self.epoch, self.iter) == (0, 1): os.kill(os.getpid(), signal.SIGTERM)   # a real signal
+    def run(path, cbs=(), resume=False):
+        torch.manual_seed(0)
+        learn = Learner(per_rank_dls(batches), Lin(), loss_func=ReIDLoss(triplet=TripletLoss(0.3), center=(CenterLoss(4, 5), 0.005)),
+                        opt_func=reid_opt_func(), lr=1e-2, path=path,
+                        cbs=[NaNStop(), CenterLossOptimizer(), SkipValidation(), ReIDCheckpoint(every=10, check_every=1)] + list(cbs))
+        if resume: resume_from(learn, path/'checkpoints')
+        with learn.no_bar(), learn.no_logging(), distributed_context(learn):
+            fit_warmup_multistep(learn, 2, lr=1e-2, warmup_epochs=1, milestones=(1,))
+        return learn
+    params = lambda l: torch.cat([q.detach().reshape(-1) for q in l.model.parameters()])
+    whole = run(out/'whole')
+    cut = run(out/'cut', [Sigterm()])
+    stops = gather(cut.interrupted)
+    assert stops[0] is not None and all(s == stops[0] for s in stops), stops
+    assert (stops[0]['signal'], stops[0]['epoch'], stops[0]['iter']) == ('SIGTERM', 0, 2), stops[0]   # rank 1's signal, both stopped
+    files = sorted(f.name for f in (out/'cut'/'checkpoints').iterdir()) if not rank else None
+    resumed = run(out/'cut', resume=True)
+    assert torch.equal(params(resumed), params(whole)), 'the resumed run ends where the uninterrupted one did'
+    assert all(torch.equal(p, params(whole)) for p in gather(params(resumed)))
+    RESULTS['interrupt'] = dict(stop=stops[0], files=files)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--data', required=True)
     ap.add_argument('--out', required=True)
     a = ap.parse_args()
-    setup_distributed('cpu')
-    rank, world = get_rank(), get_world_size()
+    setup_distributed('cpu', timeout_minutes=1)   # a rank left waiting fails within a minute instead of hanging
+    rank, world = rank_distrib(), num_distrib()
     assert world == 2, 'run with torchrun --nproc_per_node 2'
     check_centre_step(rank, world)
     check_counters(rank, world)
     check_nan_stop(rank, world, 'torch')
     check_nan_stop(rank, world, 'fastai')
+    check_nan_stop(rank, world, 'torch', MyNaNStop)
+    check_interrupt(rank, world, Path(a.out))
     check_time_budget(rank, world)
     check_evaluation(rank, world, a.data)
     check_sync_bn_refused(rank, world)
-    if is_main_process():
+    if not rank:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         Path(a.out, 'checks.json').write_text(json.dumps(RESULTS, indent=1, default=str))
         print('ddp_checks: all passed', flush=True)

@@ -33,20 +33,22 @@ def main(argv=None):
     from reid_fastai.learner import reid_learner
     from reid_fastai.recipes import get_recipe
     from reid_fastai.train import TrainTimer
-    from reid_fastai.callbacks import ReIDCheckpoint, resume_from, latest_checkpoint, camera_biases, center_loss_terms
+    from fastai.distributed import rank0_first
+    from fastai.torch_core import rank_distrib, num_distrib
+    from reid_fastai.callbacks import camera_biases, center_loss_terms
+    from reid_fastai.checkpoint import ReIDCheckpoint, resume_from, latest_checkpoint
     from reid_fastai.evaluation import evaluate_reid
-    from reid_fastai.distributed import (setup_distributed, distributed_context, is_main_process, get_rank, get_world_size,
-                                         main_process_first)
+    from reid_fastai.distributed import setup_distributed, distributed_context
 
     dev = setup_distributed(a.device)   # first: joins the process group (gloo on the CPU), picks this rank's GPU
-    rank, world = get_rank(), get_world_size()
+    rank, world = rank_distrib(), max(1, num_distrib())
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     set_seed(a.seed, reproducible=True)
     r = get_recipe(a.recipe)
     df = reid_data.reid_df(a.data)
-    with main_process_first():   # rank 0 builds the decoded-image cache, the others then read it
-        dls = reid_dataloaders(df, p=4, k=4, size=(32, 16), num_workers=0, seed=a.seed, device=dev, pipeline=a.pipeline,
-                               cache_dir=out/'cache', test_bs=24, **r.data)
+    # rank 0 builds the decoded-image cache, the others then read it
+    dls = rank0_first(reid_dataloaders, df, p=4, k=4, size=(32, 16), num_workers=0, seed=a.seed, device=dev, pipeline=a.pipeline,
+                      cache_dir=out/'cache', test_bs=24, **r.data)
 
     class Record(Callback):
         "What this rank trained on"
@@ -74,7 +76,7 @@ def main(argv=None):
     start = 0
     if a.resume:
         start = resume_from(learn, out/'checkpoints')   # every rank loads the same file
-        if is_main_process(): print(f"ddp_train: resuming from {latest_checkpoint(out/'checkpoints').name}, epoch {start}")
+        if not rank: print(f"ddp_train: resuming from {latest_checkpoint(out/'checkpoints').name}, epoch {start}")
     t0 = time.perf_counter()
     with learn.no_bar(), distributed_context(learn, sync_bn=a.sync_bn, eval_mode=a.eval_mode):
         n_train = len(learn.dls.train)
@@ -86,7 +88,7 @@ def main(argv=None):
         rank=rank, world_size=world, device=str(dev), n_train_batches=n_train, loaders=rec.loaders, n_batches=rec.n_batches,
         batches=rec.batches, train_iter=int(learn.train_iter), params=params, centres=centres,
         nan_stop=learn.nan_stop, loader_after=type(learn.dls.train).__name__, model_after=type(learn.model).__name__)))
-    if is_main_process():   # what reid_train writes once
+    if not rank:   # what reid_train writes once
         hist = getattr(learn, 'reid_history', None) or []
         ref = {k: float(v) for k, v in evaluate_reid(learn.model, dls).items()}   # one process, after the fit
         res = dict(world_size=world, seconds=round(seconds, 1), history=hist, reference=ref,

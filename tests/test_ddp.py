@@ -2,9 +2,11 @@
 on the 16-identity demo data at 32x16 pixels (one thread per process, num_workers=0), and `--nproc_per_node 1`.
 
 - tests/ddp_checks.py: the centre step of two ranks equals a single-process step on the concatenated batch (1e-5), with
-  per-rank batch-hard mining; LR and camera-bias counters agree; a NaN on rank 1 stops both ranks (fused and fastai
-  optimizers); TimeBudget stops both ranks; the gathered and the rank-0 evaluations equal a single-process evaluation
-  exactly (PIL and cached paths); SyncBatchNorm is refused on the CPU.
+  per-rank batch-hard mining, and no callback changes class; LR and camera-bias counters agree; a NaN on rank 1 stops
+  both ranks within the one-minute collective timeout (fused and fastai optimizers, and a user's subclass of NaNStop);
+  SIGTERM to rank 1 alone stops both ranks after the same batch with one checkpoint, and the run resumed from it ends
+  as an uninterrupted one; TimeBudget stops both ranks; the gathered and the rank-0 evaluations equal a
+  single-process evaluation exactly (PIL and cached paths); SyncBatchNorm is refused on the CPU.
 - tests/ddp_train.py: the 'paper' recipe trained as `reid_train` does; the per-rank batches, one results.json, an
   interrupted two-process run resumed from its checkpoint.
 The GPU variants (NCCL, SyncBatchNorm) run only where there are GPUs."""
@@ -82,10 +84,12 @@ def test_two_process_checks(demo, tmp_path):
     cs = c['centre_step']
     assert cs['max_err_centres'] < 1e-5 and cs['max_err_centre_grads'] < 1e-5 and cs['max_err_model_grads'] < 1e-5
     assert cs['moved'] > 1e-3 and cs['diff_vs_global_mining'] > 1e-3 and cs['centre_steps'] == 1
-    for impl, steps in (('torch', 3), ('fastai', 1)):
-        s = c[f'nan_stop_{impl}']
+    for key, steps in (('torch', 3), ('fastai', 1), ('torch_subclass', 3)):   # the subclass: collective too, no hang
+        s = c[f'nan_stop_{key}']
         assert (s['stop']['iter'], s['stop']['rank'], s['steps']) == (1, 1, steps)
-        assert any('rank 1 of 2' in m for m in s['warned'])
+        assert any('rank 1 of 2' in m for m in s['warned']) and s['seconds'] < 30, s
+    i = c['interrupt']   # rank 1's SIGTERM stopped both ranks after batch 2 of epoch 0; rank 0 wrote one checkpoint
+    assert (i['stop']['signal'], i['stop']['epoch'], i['stop']['iter']) == ('SIGTERM', 0, 2) and i['files'] == ['ckpt_000_b0002.pth']
     assert c['time_budget']['epoch'] == 1
     assert c['evaluation']['pil'] == c['evaluation']['cached']   # the two pipelines decode the same images
     assert [it for it, _, cam in c['counters']] == [cam for _, _, cam in c['counters']] == list(range(1, 7))
@@ -101,7 +105,7 @@ def test_two_process_training(demo, train_labels, tmp_path):
     assert r['world_size'] == 2 and r['epochs'] == 1 and r['images'] == 2 * P * K   # rank 0's images: 2 steps
     assert {k: v for k, v in r['history'][-1].items() if k != 'epoch'} == r['reference']   # = one process, exactly
     rs = ranks(out, 2)
-    assert all(x['loaders'] == ['DistributedBalancedDL'] for x in rs)   # this rank's batches, not fastai's DistributedDL
+    assert all(x['loaders'] == ['ReIDBalancedDL'] for x in rs)   # this rank's batches (its own sampler), not fastai's DistributedDL
     assert all((x['loader_after'], x['model_after']) == ('ReIDBalancedDL', 'ReIDNet') for x in rs)   # the context undone
     check_batches(rs, train_labels, epochs=[0])
     assert (out/'export.pkl').exists() and [f.name for f in (out/'checkpoints').iterdir()] == ['ckpt_001.pth']
@@ -121,7 +125,7 @@ def test_interrupted_run_resumed(demo, train_labels, tmp_path):
     assert r['epochs'] == 2 and [h['epoch'] for h in r['history']] == [0, 1]   # epoch 0's metrics from the checkpoint
     assert {k: v for k, v in r['history'][-1].items() if k != 'epoch'} == r['reference']
     rs = ranks(out, 2)
-    assert all(x['loaders'] == ['DistributedCachedBalancedDL'] for x in rs)
+    assert all(x['loaders'] == ['ReIDCachedBalancedDL'] for x in rs)
     n = len(train_labels) // (P * K * 2)
     assert all([b['train_iter'] for b in x['batches']] == list(range(n + 1, 2 * n + 1)) for x in rs)   # counters go on
     check_batches(rs, train_labels, epochs=[1])   # epoch 1 draws what an uninterrupted run draws: seed (SEED, 1)

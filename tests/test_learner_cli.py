@@ -7,7 +7,7 @@ import pytest, torch
 from fastai.callback.core import Callback
 
 from reid_fastai.demo import make_demo_dataset
-from reid_fastai.callbacks import load_checkpoint_file
+from reid_fastai.checkpoint import load_checkpoint_file
 from reid_fastai.train import reid_train
 from reid_fastai.cli import reid_train_cli
 
@@ -99,10 +99,10 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path):
 def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
     "Without --data: the demo dataset and the CPU preset for the options not given, and it says so (no training here)"
     import reid_fastai.demo as d
-    from fastai.learner import Learner
+    from reid_fastai.learner import ReIDLearner
     from reid_fastai.train import DEMO_PRESET
     monkeypatch.setattr(d, 'make_demo_dataset', lambda *a, **k: Path(tiny_data))
-    monkeypatch.setattr(Learner, 'fit_recipe', lambda self, *a, **k: None)
+    monkeypatch.setattr(ReIDLearner, 'fit_recipe', lambda self, *a, **k: None)
     res = reid_train_cli(['--out', str(tmp_path/'demo'), '--p', '4', '--workers', '0'])
     out = capsys.readouterr().out
     assert 'the demo dataset' in out and f"defaults used: arch={DEMO_PRESET['arch']}" in out and 'p=8' not in out, out
