@@ -201,3 +201,15 @@ def test_index_refuses_another_model(run, data, tmp_path):
     with pytest.raises(ReIDInputError, match='@128x64'): loaded.search(gallery[:2], model=bigger)
     assert loaded.add(gallery[:25]) == 5 and len(loaded) == 25
     assert np.load(tmp_path/'index'/'features.npy').shape == (20, m.identity['feat_dim'])
+
+
+def test_no_private_names_cross_modules():
+    "The inference modules import only public names from the package's other modules (and evaluation keeps one alias, for distributed)"
+    import ast, reid_fastai, reid_fastai.evaluation as ev
+    pkg = Path(reid_fastai.__file__).parent
+    for mod in ('evaluation', 'model_io', 'model_eval', 'gallery', 'onnx_export', 'cli'):
+        for node in ast.walk(ast.parse((pkg/f'{mod}.py').read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or '').startswith('reid_fastai')):
+                private = [a.name for a in node.names if a.name.startswith('_')]
+                assert not private, f"{mod} imports {private} from {node.module}"
+    assert not hasattr(ev, '_retrieval_feature') and not hasattr(ev, '_show_image') and callable(ev._model_device)
