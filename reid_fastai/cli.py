@@ -123,11 +123,12 @@ def _eval_args(
     rerank:store_true=False, # k-reciprocal re-ranking
     metric:str='euclidean', # 'euclidean' or 'cosine'
     ap:str='match', # AP definition: 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
+    same_camera_ok:store_true=False, # count same-camera matches too, for a test set filmed by one camera (not the Market-1501 protocol; recorded in results.json)
     out:str=None, # folder for results.json, cmc.png and retrieval.png (default: print only)
     device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
     bs:int=128, # images per batch
-    size:Param("test height and width (default: the training size)", int, nargs=2)=None,
-    arch:str=None, # a checkpoint without its results.json: the timm backbone it was trained with
+    size:Param("test height and width (default: the training size; another one warns, an impossible one is refused)", int, nargs=2)=None,
+    arch:str=None, # a checkpoint without its results.json: the timm backbone it was trained with (a model that records it refuses another)
     recipe:str=None, # ... and its recipe
     pretrained:str=None, # ... and its initial weights (they set the input normalisation), e.g. imagenet, lite0, none
     workers:int=0, # loader processes
@@ -135,7 +136,6 @@ def _eval_args(
     debug:store_true=False, # show the traceback of an error
 ):
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"
-
 
 # %% ../nbs/05d_cli.ipynb #c0999395
 def _eval_hyphens(argv) -> list:
@@ -148,6 +148,13 @@ def _eval_error(msg, usage:bool=True):
           file=sys.stderr, flush=True)
     raise SystemExit(2)
 
+def _once(show):
+    "`show` (a `warnings.showwarning`) that prints each message once, wherever it is raised from"
+    seen = set()
+    def show_once(message, *args, **kwargs):
+        if str(message) not in seen: seen.add(str(message)); show(message, *args, **kwargs)
+    return show_once
+
 def reid_eval_cli(argv=None):
     "The `reid_eval` command: parse `argv` (default `sys.argv`), evaluate; bad input is one line and exit status 2; returns the results for an `argv` list"
     console, argv = argv is None, _eval_hyphens(list(sys.argv[1:] if argv is None else argv))
@@ -156,13 +163,15 @@ def reid_eval_cli(argv=None):
     args = vars(parser.parse_args(argv))
     for k in ('pdb', 'xtra'): args.pop(k, None)
     debug = args.pop('debug')
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():   # restores the filters and `showwarning` afterwards (the function is also called in-process)
         warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)   # fastai's, at import
         warnings.filterwarnings('ignore', message='.*insecure pickle.*')
         warnings.filterwarnings('ignore', message='.*ignored the ImageNet classifier keys.*')
-        from reid_fastai.model_eval import reid_eval, _CLI_ERRORS
+        _one_line_warnings('reid_eval')
+        warnings.showwarning = _once(warnings.showwarning)
+        from reid_fastai.model_eval import reid_eval
         try: res = reid_eval(**args)
-        except _CLI_ERRORS as e:   # bad input: missing files, bad layouts, unreadable images, options
+        except (ValueError, OSError) as e:   # bad input (`ReIDInputError` is a ValueError): files, layouts, unreadable images, options
             if debug: raise
             _eval_error(e if str(e).strip() else type(e).__name__, usage=False)
     return None if console else res

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_evaluation.ipynb #4fc1fe2b
 from __future__ import annotations
-import warnings
+import textwrap, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -13,13 +13,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import matplotlib.pyplot as plt
+from matplotlib.transforms import offset_copy
 from fastai.torch_core import one_param
 from .models import retrieval_feature
+from .data import ReIDInputError, items_table
+from .loaders import reid_test_dl
 
 # %% auto #0
-__all__ = ['AP_MODES', 'extract_features', 'euclidean_distmat', 'cosine_distmat', 'compute_distmat', 'check_finite',
-           'evaluate_rank', 're_ranking', 'query_expansion', 'evaluate_reid', 'attribute_accuracy', 'plot_cmc',
-           'ranked_gallery', 'show_framed_image', 'show_retrieval', 'plot_distance_hist']
+__all__ = ['AP_MODES', 'embed_batch', 'extract_features', 'embed_images', 'euclidean_distmat', 'cosine_distmat',
+           'compute_distmat', 'check_finite', 'evaluate_rank', 'check_query_gallery', 're_ranking', 'query_expansion',
+           'evaluate_reid', 'metrics_line', 'attribute_accuracy', 'plot_cmc', 'ranked_gallery', 'show_framed_image',
+           'show_retrieval', 'plot_distance_hist']
 
 # %% ../nbs/04_evaluation.ipynb #5a58c14e
 def _plain(t):
@@ -44,21 +48,39 @@ def _no_autocast(device):
     return torch.autocast(device_type=device.type, enabled=False) if device.type in ('cuda', 'cpu') else nullcontext()
 
 # %% ../nbs/04_evaluation.ipynb #b5ee2e44
+def embed_batch(model, # a network: its output is the retrieval feature, or a `ReIDOutput` dict (`retrieval_feature`)
+                x:torch.Tensor, # a batch of normalised images [B, 3, H, W], on the model's device
+                flip:bool=False, # average with the features of the mirrored images
+                normalize:bool=False, # L2-normalise the features
+               ) -> torch.Tensor:
+    "Retrieval features `[B, D]` (float32) of one batch: the one place where images become features"
+    f = retrieval_feature(model(x)).float()
+    if flip: f = (f + retrieval_feature(model(x.flip(3))).float()) / 2
+    return F.normalize(f, dim=1) if normalize else f
+
+# %% ../nbs/04_evaluation.ipynb #ec7b9e3d
 def extract_features(model, dl, flip=False, normalize=False, device=None):
-    "Features, pids and camids of every item of `dl`, in order (`model` in eval mode on its own device)"
+    "Features, pids and camids of every item of `dl`, in order: `embed_batch` on each batch, `model` in eval mode on its device"
     device = _device_of(model, device)
     feats, pids, camids = [], [], []
     with _evaluating(model, device):
         for b in dl:
-            x = _plain(b[0]).to(device, non_blocking=True)
-            f = retrieval_feature(model(x)).float()
-            if flip: f = (f + retrieval_feature(model(x.flip(3))).float()) / 2
-            feats.append(f)
+            feats.append(embed_batch(model, _plain(b[0]).to(device, non_blocking=True), flip, normalize))
             pids.append(_plain(b[1]).to(device).long())
             camids.append(_plain(b[2]).to(device).long())
-    feats = torch.cat(feats).float()
-    if normalize: feats = F.normalize(feats, dim=1)
-    return feats, torch.cat(pids), torch.cat(camids)
+    return torch.cat(feats), torch.cat(pids), torch.cat(camids)
+
+# %% ../nbs/04_evaluation.ipynb #4bcdfea6
+def embed_images(model, # a network (see `embed_batch`)
+                 items, # image files, a folder, or a table with a path column (`reid_fastai.data.items_table`)
+                 size, # (height, width) the images are resized to: the model's test size
+                 stats, # input normalisation (mean, std), 0-1 scale: the one the model was trained with
+                 flip:bool=True, # average with the mirrored images' features
+                 normalize:bool=False, # L2-normalise the features
+                 bs:int=64, num_workers:int=0, device=None) -> torch.Tensor:
+    "Retrieval features `[N, D]` of image files, in order: `reid_test_dl` and `extract_features`"
+    dl = reid_test_dl(items_table(items), size, stats, bs, num_workers)
+    return extract_features(model, dl, flip=flip, normalize=normalize, device=device)[0]
 
 # %% ../nbs/04_evaluation.ipynb #3c429178
 def euclidean_distmat(x, y, squared=False, chunk_size=4096):
@@ -136,6 +158,7 @@ def _positive_ranks(d, same, pos, block=2**16):
     neg_before = hist.cumsum(1)[:, :max_m]                   # negatives before the i-th positive
     return torch.arange(max_m, device=dev) + neg_before, m
 
+# %% ../nbs/04_evaluation.ipynb #6e44c38e
 AP_MODES = ('match', 'devkit')
 
 def check_finite(x, what:str='distances', rows:str='queries', cols:str='gallery images'):
@@ -150,41 +173,27 @@ def check_finite(x, what:str='distances', rows:str='queries', cols:str='gallery 
                      f"would sort as a perfect match). They come from non-finite features: a diverged model (see `NaNStop`, "
                      f"lower the learning rate) or an fp16 overflow in the forward pass (evaluate in bf16 or fp32).")
 
-def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk_size=None,
-                  ap_mode:str='match'): # 'match': precision at each match (torchreid, fast-reid); 'devkit': Market-1501's official code
-    "CMC, mAP and mINP of a query x gallery `distmat` under the Market-1501 protocol (see above)"
-    if ap_mode not in AP_MODES: raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
-    distmat = torch.as_tensor(distmat)
-    check_finite(distmat)
-    dev = distmat.device
-    q_pids, g_pids, q_camids, g_camids = (_long(t, dev) for t in (q_pids, g_pids, q_camids, g_camids))
-    n_q, n_g = distmat.shape
-    max_rank = n_g if max_rank is None else min(max_rank, n_g)
-    first = torch.full((n_q,), -1, dtype=torch.long, device=dev)     # rank of the first correct match
-    ap = torch.full((n_q,), float('nan'), dtype=torch.float64, device=dev)
-    inp = torch.full((n_q,), float('nan'), dtype=torch.float64, device=dev)
-    n_pos = torch.zeros(n_q, dtype=torch.long, device=dev)
-    chunk_size = chunk_size or max(1, 2**22 // max(n_g, 1))
+# %% ../nbs/04_evaluation.ipynb #4231e05a
+def _score_chunk(d, q_pids, q_camids, g_pids, g_camids, ap_mode:str='match', cross_camera:bool=True):
+    "First-match rank, AP, INP and count of correct matches of each query of a chunk (-1 / nan where it has none)"
+    c, dev = len(d), d.device
+    same = g_pids[None] == q_pids[:, None]
+    pos = same & (g_camids[None] != q_camids[:, None]) if cross_camera else same   # same id, (other camera)
     g_junk = g_pids == -1
-    has_junk = bool(g_junk.any())
-    with _no_autocast(dev):
-        for s in range(0, n_q, chunk_size):
-            e = min(s + chunk_size, n_q)
-            d = distmat[s:e].float()
-            same = g_pids[None] == q_pids[s:e, None]
-            pos = same & (g_camids[None] != q_camids[s:e, None])      # same id, other camera
-            if has_junk: same, pos = same | g_junk[None], pos & ~g_junk[None]   # junk: neither positive nor negative
-            if not pos.any(): continue
-            ranks, m = _positive_ranks(d, same, pos)
-            n_pos[s:e] = m
-            i = torch.arange(ranks.shape[1], device=dev)
-            has = m > 0
-            prec = (i + 1) / (ranks + 1.)                                      # precision at each match
-            if ap_mode == 'devkit':   # the trapezoid of the precision just before and at each match (before the first: 1)
-                prec = (prec + torch.where(ranks > 0, i / ranks.clamp(min=1).double(), 1.)) / 2
-            ap[s:e] = torch.where(has, (prec * (i < m[:, None])).sum(1) / m.clamp(min=1), ap[s:e])
-            inp[s:e] = torch.where(has, m / (ranks.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0] + 1.), inp[s:e])
-            first[s:e] = torch.where(has, ranks[:, 0], first[s:e])
+    if g_junk.any(): same, pos = same | g_junk[None], pos & ~g_junk[None]   # junk: neither positive nor negative
+    nan = torch.full((c,), float('nan'), dtype=torch.float64, device=dev)
+    if not pos.any(): return torch.full((c,), -1, dtype=torch.long, device=dev), nan, nan, torch.zeros(c, dtype=torch.long, device=dev)
+    ranks, m = _positive_ranks(d, same, pos)
+    i, has = torch.arange(ranks.shape[1], device=dev), m > 0
+    prec = (i + 1) / (ranks + 1.)                                      # precision at each match
+    if ap_mode == 'devkit':   # the trapezoid of the precision just before and at each match (before the first: 1)
+        prec = (prec + torch.where(ranks > 0, i / ranks.clamp(min=1).double(), 1.)) / 2
+    ap = torch.where(has, (prec * (i < m[:, None])).sum(1) / m.clamp(min=1), nan)
+    inp = torch.where(has, m / (ranks.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0] + 1.), nan)
+    return torch.where(has, ranks[:, 0], -1), ap, inp, m
+
+def _rank_metrics(first, ap, inp, n_pos, max_rank:int) -> dict:
+    "CMC, mAP, mINP and R1/5/10/20 over the queries with a correct match; the per-query values; nan (and a warning) if none has one"
     ok = n_pos > 0
     n_valid, n_skipped = int(ok.sum()), int((~ok).sum())
     per_query = dict(all_AP=ap.cpu().numpy(), all_INP=inp.cpu().numpy(), first_rank=first.cpu().numpy())
@@ -197,8 +206,59 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chun
     cmc = torch.bincount(fr.clamp(max=max_rank), minlength=max_rank + 1)[:max_rank].cumsum(0).double() / n_valid
     res = dict(cmc=cmc.cpu().numpy(), mAP=float(ap[ok].mean()), mINP=float(inp[ok].mean()))
     for k in (1, 5, 10, 20): res[f'R{k}'] = float((fr < k).double().mean())
-    res.update(n_valid=n_valid, n_skipped=n_skipped, **per_query)
-    return res
+    return dict(res, n_valid=n_valid, n_skipped=n_skipped, **per_query)
+
+# %% ../nbs/04_evaluation.ipynb #c9c680ce
+def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, chunk_size=None,
+                  ap_mode:str='match', # 'match': precision at each match (torchreid, fast-reid); 'devkit': Market-1501's official code
+                  cross_camera:bool=True, # the Market-1501 rule: a correct match is from another camera than the query's
+                 ) -> dict:
+    "CMC, mAP and mINP of a query x gallery `distmat` under the Market-1501 protocol (see above)"
+    if ap_mode not in AP_MODES: raise ValueError(f"ap_mode must be one of {AP_MODES}, got {ap_mode!r}")
+    distmat = torch.as_tensor(distmat)
+    check_finite(distmat)
+    dev = distmat.device
+    q_pids, g_pids, q_camids, g_camids = (_long(t, dev) for t in (q_pids, g_pids, q_camids, g_camids))
+    n_q, n_g = distmat.shape
+    max_rank = n_g if max_rank is None else min(max_rank, n_g)
+    chunk_size = chunk_size or max(1, 2**22 // max(n_g, 1))
+    with _no_autocast(dev):
+        parts = [_score_chunk(distmat[s:s+chunk_size].float(), q_pids[s:s+chunk_size], q_camids[s:s+chunk_size], g_pids,
+                              g_camids, ap_mode, cross_camera) for s in range(0, max(n_q, 1), chunk_size)]
+    return _rank_metrics(*(torch.cat(t) for t in zip(*parts)), max_rank)
+
+# %% ../nbs/04_evaluation.ipynb #6849c0f9
+def _correct_matches(q_pids, q_camids, g_pids, g_camids, cross_camera:bool=True) -> np.ndarray:
+    "Per query, how many gallery images are correct matches: same identity, not junk (pid -1), another camera with `cross_camera`"
+    g = pd.DataFrame({'pid': np.asarray(g_pids), 'camid': np.asarray(g_camids)})
+    g = g[g['pid'] != -1]
+    per_id, per_id_cam = g.groupby('pid').size().to_dict(), g.groupby(['pid', 'camid']).size().to_dict()
+    return np.array([per_id.get(p, 0) - (per_id_cam.get((p, c), 0) if cross_camera else 0)
+                     for p, c in zip(np.asarray(q_pids).tolist(), np.asarray(q_camids).tolist())], dtype=np.int64)
+
+def check_query_gallery(query_df:pd.DataFrame, # the query rows (pid, camid), or a whole table with a `split` column (reid_df)
+                        gallery_df:pd.DataFrame|None=None, # the gallery rows (pid, camid); default: `query_df`'s split 'gallery'
+                        cross_camera:bool=True, # the Market-1501 rule: a correct match is from another camera than the query's
+                       ) -> dict:
+    "How many queries the protocol can score (`n_scored`, `n_skipped`); one clear error when it can score none"
+    if gallery_df is None:
+        df = query_df
+        query_df, gallery_df = df[df['split'] == 'query'], df[df['split'] == 'gallery']
+    n = _correct_matches(query_df['pid'], query_df['camid'], gallery_df['pid'], gallery_df['camid'], cross_camera)
+    cams = sorted(set(query_df['camid'].tolist()) | set(gallery_df['camid'].tolist()))
+    res = dict(n_query=len(n), n_scored=int((n > 0).sum()), n_skipped=int((n == 0).sum()), n_cameras=len(cams),
+               cross_camera=cross_camera)
+    if res['n_scored'] or not len(n): return res
+    what = f"{len(query_df):,} queries x {len(gallery_df):,} gallery images"
+    if not cross_camera or not _correct_matches(query_df['pid'], query_df['camid'], gallery_df['pid'], gallery_df['camid'], False).any():
+        raise ReIDInputError(f"no query can be scored: no gallery image shows the identity of any query ({what}; pid -1 is junk): "
+                             f"give a gallery that holds the query identities (the same pid for the same person)")
+    where = (f"all come from one camera (camid {cams[0]}{': unknown' if cams[0] == -1 else ''})" if len(cams) == 1 else
+             f"come from {len(cams)} cameras, but no query identity has a gallery image from another camera than the query's")
+    raise ReIDInputError(f"no query can be scored under the Market-1501 protocol, which counts only matches from another camera: "
+                         f"the {what} {where}. Give images of each person from two or more cameras (a camid per image: the "
+                         f"CSV's camid column, names such as 0001_c2s1_..., or --camid-from REGEX), or, for a single-camera "
+                         f"set, count same-camera matches too (reid_eval --same-camera-ok; Python: cross_camera=False)")
 
 # %% ../nbs/04_evaluation.ipynb #6bacfa27
 def _smallest_k(d, k):
@@ -241,6 +301,97 @@ def _pair_sq_dists(feats, sq, rows, cols, budget=2**23):
     return out
 
 # %% ../nbs/04_evaluation.ipynb #0befa5e9
+def _rerank_neighbours(feats, n_q:int, n_nbrs:int, chunk_size:int):
+    "Step 1, one pass over the distance rows in chunks: squared norms, row maxima, `n_nbrs` nearest neighbours, query x gallery block"
+    n, dev = len(feats), feats.device
+    sq = feats.pow(2).sum(1)
+    row_max = torch.empty(n, device=dev)
+    nbrs = torch.empty(n, n_nbrs, dtype=torch.long, device=dev)
+    qg = torch.empty(n_q, n - n_q, device=dev)               # normalised query x gallery distances
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        d = torch.addmm(sq[None], feats[s:e], feats.T, beta=1, alpha=-2).add_(sq[s:e, None]).clamp_(min=0)
+        d[torch.arange(e - s, device=dev), torch.arange(s, e, device=dev)] = 0
+        row_max[s:e] = d.max(1).values.clamp(min=1e-12)
+        d.div_(row_max[s:e, None])
+        nbrs[s:e] = _smallest_k(d, n_nbrs)
+        if s < n_q: qg[s:min(e, n_q)] = d[:min(e, n_q) - s, n_q:]
+        del d
+    return sq, row_max, nbrs, qg
+
+# %% ../nbs/04_evaluation.ipynb #875a77b2
+def _reciprocal_sets(nbrs, k_fw:int, k_half:int):
+    "Step 2: the (row, member) pairs of every point's expanded k-reciprocal set, sorted by row then member"
+    n, dev = len(nbrs), nbrs.device
+    fw, half = nbrs[:, :k_fw], nbrs[:, :k_half]
+    rec_rows, rec_cols = [], []
+    step = max(1, 2**22 // (k_fw * k_fw * k_half))
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        f_i = fw[s:e]                                               # [c, K] forward neighbours
+        r_i = (fw[f_i] == torch.arange(s, e, device=dev)[:, None, None]).any(-1)   # [c, K] reciprocal?
+        cand = half[f_i]                                             # [c, K, Kh] half-size neighbours of each candidate
+        r_c = (half[cand] == f_i[..., None, None]).any(-1)           # [c, K, Kh] ... that are reciprocal
+        in_r_i = ((cand[..., None] == f_i[:, None, None, :]) & r_i[:, None, None, :]).any(-1) & r_c
+        keep = r_i & (3 * in_r_i.sum(-1) > 2 * r_c.sum(-1))         # |R_c & R_i| > 2/3 |R_c|, in integers
+        members = torch.cat([torch.where(r_i, f_i, -1), torch.where(keep[..., None] & r_c, cand, -1).flatten(1)], 1)
+        rr = torch.arange(s, e, device=dev)[:, None].expand_as(members)
+        ok = members >= 0
+        rec_rows.append(rr[ok]); rec_cols.append(members[ok])
+    rows = torch.cat(rec_rows)
+    rows, cols, _ = _coalesce(rows, torch.cat(rec_cols), torch.ones(len(rows), device=dev), n)
+    return rows, cols
+
+# %% ../nbs/04_evaluation.ipynb #8ed28e4c
+def _blocks(counts, budget):
+    "Split positions 0..len(counts) into consecutive (start, end) blocks whose counts sum to about `budget`"
+    if len(counts) == 0: return []
+    csum = torch.cumsum(counts, 0)
+    bounds = torch.searchsorted(csum, torch.arange(budget, int(csum[-1]) + budget, budget, device=counts.device), right=True)
+    bounds = sorted(set([0] + [min(max(int(b), 1), len(counts)) for b in bounds.cpu()] + [len(counts)]))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+def _expand_locally(rows, cols, w, nbrs, k2:int, n:int):
+    "Step 4: each sparse row replaced by the mean of the rows of its `k2` nearest neighbours; (rows, cols, w, row pointer)"
+    row_ptr = torch.zeros(n + 1, dtype=torch.long, device=rows.device)
+    row_ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    if k2 == 1: return rows, cols, w, row_ptr
+    qe_rows, qe_cols, qe_vals = [], [], []
+    nb = nbrs[:, :k2]
+    cnt_row = (row_ptr[nb + 1] - row_ptr[nb]).sum(1)           # entries each row i will collect
+    for s, e in _blocks(cnt_row, 2**22):
+        src = nb[s:e].reshape(-1)
+        cnt = row_ptr[src + 1] - row_ptr[src]
+        pos = _expand_segments(row_ptr[src], cnt)
+        dst = torch.repeat_interleave(torch.arange(s, e, device=rows.device).repeat_interleave(nb.shape[1]), cnt)
+        r_, c_, v_ = _coalesce(dst, cols[pos], w[pos] / nb.shape[1], n)
+        qe_rows.append(r_); qe_cols.append(c_); qe_vals.append(v_)
+    rows, cols, w = torch.cat(qe_rows), torch.cat(qe_cols), torch.cat(qe_vals)
+    row_ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
+    return rows, cols, w, row_ptr
+
+# %% ../nbs/04_evaluation.ipynb #d3add469
+def _jaccard_numerator(rows, cols, w, row_ptr, n_q:int, n:int):
+    "Step 5: sum_k min(V_pk, V_gk) for every query p and gallery row g, [n_q, n - n_q], through an inverted index"
+    dev = rows.device
+    g_sel = rows >= n_q
+    g_cols, order = cols[g_sel].sort(stable=True)
+    g_rows, g_vals = rows[g_sel][order] - n_q, w[g_sel][order]
+    col_ptr = torch.zeros(n + 1, dtype=torch.long, device=dev)
+    col_ptr[1:] = torch.bincount(g_cols, minlength=n).cumsum(0)
+    n_qe = int(row_ptr[n_q])                                        # query rows come first: entries [0, n_qe)
+    q_rows, q_cols, q_vals = rows[:n_qe], cols[:n_qe], w[:n_qe]
+    q_cnt = col_ptr[q_cols + 1] - col_ptr[q_cols]
+    inter = torch.zeros(n_q * (n - n_q), device=dev)
+    for s, e in _blocks(q_cnt, 2**23):
+        cnt = q_cnt[s:e]
+        pos = _expand_segments(col_ptr[q_cols[s:e]], cnt)
+        qi = torch.repeat_interleave(q_rows[s:e], cnt)
+        vmin = torch.minimum(torch.repeat_interleave(q_vals[s:e], cnt), g_vals[pos])
+        inter.index_add_(0, qi * (n - n_q) + g_rows[pos], vmin)
+    return inter.view(n_q, n - n_q)
+
+# %% ../nbs/04_evaluation.ipynb #a5a1b84b
 def re_ranking(qf, gf, k1=20, k2=6, lambda_value=0.3, metric='euclidean', chunk_size=None, device=None):
     "k-reciprocal re-ranked query x gallery distances (Zhong et al. 2017): vectorised, chunked, on `device`"
     dev = torch.device(device) if device is not None else torch.as_tensor(qf).device
@@ -250,90 +401,18 @@ def re_ranking(qf, gf, k1=20, k2=6, lambda_value=0.3, metric='euclidean', chunk_
         elif metric != 'euclidean': raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         n_q, n = len(qf), len(feats)
         k_fw, k_half = min(k1 + 1, n), min(int(round(k1 / 2)) + 1, n)   # Python's round = np.around (half to even)
-        n_nbrs = min(max(k_fw, k2), n)
         chunk_size = chunk_size or max(1, 2**24 // n)
-        sq = feats.pow(2).sum(1)
-        row_max = torch.empty(n, device=dev)
-        nbrs = torch.empty(n, n_nbrs, dtype=torch.long, device=dev)
-        qg = torch.empty(n_q, n - n_q, device=dev)               # normalised query x gallery distances
-        # 1. one pass over the distance rows: row maxima, nearest neighbours, the query x gallery block
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            d = torch.addmm(sq[None], feats[s:e], feats.T, beta=1, alpha=-2).add_(sq[s:e, None]).clamp_(min=0)
-            d[torch.arange(e - s, device=dev), torch.arange(s, e, device=dev)] = 0
-            row_max[s:e] = d.max(1).values.clamp(min=1e-12)
-            d.div_(row_max[s:e, None])
-            nbrs[s:e] = _smallest_k(d, n_nbrs)
-            if s < n_q: qg[s:min(e, n_q)] = d[:min(e, n_q) - s, n_q:]
-            del d
-        # 2. k-reciprocal sets and their expansion, on the neighbour table
-        fw, half = nbrs[:, :k_fw], nbrs[:, :k_half]
-        rec_rows, rec_cols = [], []
-        step = max(1, 2**22 // (k_fw * k_fw * k_half))
-        for s in range(0, n, step):
-            e = min(s + step, n)
-            f_i = fw[s:e]                                               # [c, K] forward neighbours
-            r_i = (fw[f_i] == torch.arange(s, e, device=dev)[:, None, None]).any(-1)   # [c, K] reciprocal?
-            cand = half[f_i]                                             # [c, K, Kh] half-size neighbours of each candidate
-            r_c = (half[cand] == f_i[..., None, None]).any(-1)           # [c, K, Kh] ... that are reciprocal
-            in_r_i = ((cand[..., None] == f_i[:, None, None, :]) & r_i[:, None, None, :]).any(-1) & r_c
-            keep = r_i & (3 * in_r_i.sum(-1) > 2 * r_c.sum(-1))         # |R_c & R_i| > 2/3 |R_c|, in integers
-            rows = torch.arange(s, e, device=dev)
-            members = torch.cat([torch.where(r_i, f_i, -1), torch.where(keep[..., None] & r_c, cand, -1).flatten(1)], 1)
-            rr = rows[:, None].expand_as(members)
-            ok = members >= 0
-            rec_rows.append(rr[ok]); rec_cols.append(members[ok])
-        rows, cols, _ = _coalesce(torch.cat(rec_rows), torch.cat(rec_cols), torch.ones(sum(len(r) for r in rec_rows), device=dev), n)
-        # 3. V: exp(-d) on the expanded sets, normalised per row
-        w = torch.exp(-_pair_sq_dists(feats, sq, rows, cols) / row_max[rows])
+        sq, row_max, nbrs, qg = _rerank_neighbours(feats, n_q, min(max(k_fw, k2), n), chunk_size)
+        rows, cols = _reciprocal_sets(nbrs, k_fw, k_half)
+        w = torch.exp(-_pair_sq_dists(feats, sq, rows, cols) / row_max[rows])   # 3. V: exp(-d) on the sets, per row summing to 1
         w = w / torch.zeros(n, device=dev).index_add_(0, rows, w)[rows]
         del feats
-        # 4. local query expansion: V_i <- mean of V_j over the k2 nearest neighbours j of i
-        row_ptr = torch.zeros(n + 1, dtype=torch.long, device=dev)
-        row_ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-        if k2 != 1:
-            qe_rows, qe_cols, qe_vals = [], [], []
-            nb = nbrs[:, :k2]
-            cnt_row = (row_ptr[nb + 1] - row_ptr[nb]).sum(1)           # entries each row i will collect
-            for s, e in _blocks(cnt_row, 2**22):
-                src = nb[s:e].reshape(-1)
-                cnt = row_ptr[src + 1] - row_ptr[src]
-                pos = _expand_segments(row_ptr[src], cnt)
-                dst = torch.repeat_interleave(torch.arange(s, e, device=dev).repeat_interleave(nb.shape[1]), cnt)
-                r_, c_, v_ = _coalesce(dst, cols[pos], w[pos] / nb.shape[1], n)
-                qe_rows.append(r_); qe_cols.append(c_); qe_vals.append(v_)
-            rows, cols, w = torch.cat(qe_rows), torch.cat(qe_cols), torch.cat(qe_vals)
-            row_ptr[1:] = torch.bincount(rows, minlength=n).cumsum(0)
-        # 5. Jaccard: sum_k min(V_pk, V_gk) through an inverted index over the gallery rows
-        g_sel = rows >= n_q
-        g_cols, order = cols[g_sel].sort(stable=True)
-        g_rows, g_vals = rows[g_sel][order] - n_q, w[g_sel][order]
-        col_ptr = torch.zeros(n + 1, dtype=torch.long, device=dev)
-        col_ptr[1:] = torch.bincount(g_cols, minlength=n).cumsum(0)
-        n_qe = int(row_ptr[n_q])                                        # query rows come first: entries [0, n_qe)
-        q_rows, q_cols, q_vals = rows[:n_qe], cols[:n_qe], w[:n_qe]
-        q_cnt = col_ptr[q_cols + 1] - col_ptr[q_cols]
-        inter = torch.zeros(n_q * (n - n_q), device=dev)
-        for s, e in _blocks(q_cnt, 2**23):
-            cnt = q_cnt[s:e]
-            pos = _expand_segments(col_ptr[q_cols[s:e]], cnt)
-            qi = torch.repeat_interleave(q_rows[s:e], cnt)
-            vmin = torch.minimum(torch.repeat_interleave(q_vals[s:e], cnt), g_vals[pos])
-            inter.index_add_(0, qi * (n - n_q) + g_rows[pos], vmin)
-        inter = inter.view(n_q, n - n_q)
-        # 6. final distance, in place: (1 - lambda) * Jaccard + lambda * d
-        for s in range(0, n_q, chunk_size):
+        rows, cols, w, row_ptr = _expand_locally(rows, cols, w, nbrs, k2, n)
+        inter = _jaccard_numerator(rows, cols, w, row_ptr, n_q, n)
+        for s in range(0, n_q, chunk_size):   # 6. the final distance, in place: (1 - lambda) * Jaccard + lambda * d
             j = inter[s:s+chunk_size]
             j.copy_((1 - j / (2 - j)) * (1 - lambda_value) + qg[s:s+chunk_size] * lambda_value)
     return inter
-
-def _blocks(counts, budget):
-    "Split positions 0..len(counts) into consecutive (start, end) blocks whose counts sum to about `budget`"
-    if len(counts) == 0: return []
-    csum = torch.cumsum(counts, 0)
-    bounds = torch.searchsorted(csum, torch.arange(budget, int(csum[-1]) + budget, budget, device=counts.device), right=True)
-    bounds = sorted(set([0] + [min(max(int(b), 1), len(counts)) for b in bounds.cpu()] + [len(counts)]))
-    return list(zip(bounds[:-1], bounds[1:]))
 
 # %% ../nbs/04_evaluation.ipynb #276feafb
 def query_expansion(qf, gf, k=5, alpha=0., chunk_size=1024):
@@ -353,26 +432,35 @@ def query_expansion(qf, gf, k=5, alpha=0., chunk_size=1024):
 # %% ../nbs/04_evaluation.ipynb #323c5723
 def evaluate_reid(model, dls, flip=True, normalize=True, metric='euclidean', rerank=False, k1=20, k2=6,
                   lambda_value=0.3, qe_k=0, qe_alpha=0., max_rank=50, dl=None, return_details=False, ap_mode='match',
-                  attributes=None): # attribute labels for `attr_acc`: None: `dls.attributes` if the model has attribute heads; False: none
+                  attributes=None, # attribute labels for `attr_acc`: None: `dls.attributes` if the model has attribute heads; False: none
+                  cross_camera:bool=True): # the Market-1501 rule (see `check_query_gallery`); False: same-camera matches count
     "Market-protocol R1/R5/R10/R20, mAP, mINP (fractions) and n_skipped of `model` on `dls.valid` (queries first); `attr_acc`"
-    dl = dls.valid if dl is None else dl
-    n_query = dls.n_query
-    feats, pids, camids = extract_features(model, dl, flip=flip, normalize=normalize)
+    dl, n_query = dls.valid if dl is None else dl, dls.n_query
     tables = [getattr(dls, n, None) for n in ('query_df', 'gallery_df')]
+    if all(t is not None for t in tables): check_query_gallery(*tables, cross_camera=cross_camera)   # before any image is embedded
+    feats, pids, camids = extract_features(model, dl, flip=flip, normalize=normalize)
     n_items = sum(len(t) for t in tables if t is not None)
     if n_items and len(feats) != n_items:
         raise ValueError(f'the loader gave {len(feats)} items but query_df + gallery_df have {n_items} (dropped last batch?)')
+    qp, gp, qc, gc = (t.cpu().numpy() for t in (pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:]))
+    if n_items == 0: check_query_gallery(pd.DataFrame({'pid': qp, 'camid': qc}), pd.DataFrame({'pid': gp, 'camid': gc}), cross_camera)
     qf, gf = feats[:n_query], feats[n_query:]
     check_finite(qf, 'query features', 'queries', None); check_finite(gf, 'gallery features', 'gallery images', None)
     if qe_k: qf = query_expansion(qf, gf, k=qe_k, alpha=qe_alpha)
     distmat = re_ranking(qf, gf, k1, k2, lambda_value, metric=metric) if rerank else compute_distmat(qf, gf, metric)
-    res = evaluate_rank(distmat, pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:], max_rank=max_rank, ap_mode=ap_mode)
+    res = evaluate_rank(distmat, pids[:n_query], pids[n_query:], camids[:n_query], camids[n_query:], max_rank=max_rank,
+                        ap_mode=ap_mode, cross_camera=cross_camera)
     out = {k: res[k] for k in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'n_skipped')}
     if attributes is None and getattr(model, 'attr_heads', None) is not None: attributes = getattr(dls, 'attributes', None)
     if attributes is not None and attributes is not False:
         out['attr_acc'] = attribute_accuracy(model, dl, attributes, getattr(dls, 'attr_names', None))['mean_acc']
     if return_details: out.update({k: v for k, v in res.items() if k not in out}, distmat=distmat)
     return out
+
+# %% ../nbs/04_evaluation.ipynb #dcdc00ef
+def metrics_line(res:dict, keys=('R1', 'mAP', 'mINP')) -> str:
+    "'R1 30.9%  mAP 25.1%  mINP 10.2%': metrics (fractions) in percent with one decimal"
+    return '  '.join(f"{k} {100 * float(res[k]):.1f}%" for k in keys)
 
 # %% ../nbs/04_evaluation.ipynb #7f22a029
 def attribute_accuracy(model, # a network with `.attributes(x)`: a list of logits, one per head (`ReIDNet(n_attrs=...)`)
@@ -401,27 +489,39 @@ def attribute_accuracy(model, # a network with `.attributes(x)`: a list of logit
     return dict(mean_acc=float(np.mean(list(acc.values()))) if acc else float('nan'), acc=acc, n_labelled=dict(zip(names, n.tolist())))
 
 # %% ../nbs/04_evaluation.ipynb #045db869
+def _legend_below(ax, fontsize:int=8):
+    "The legend under the axes' x label, its labels wrapped to the figure's width: it can never cover a curve"
+    fig = ax.figure
+    below = (ax.bbox.y0 - ax.get_tightbbox(fig.canvas.get_renderer()).y0) * 72 / fig.dpi + 2   # tick labels and x label, points
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.62 * fontsize)) - 6)   # characters of `fontsize`-pt text across the figure
+    handles, labels = ax.get_legend_handles_labels()
+    return ax.legend(handles, [textwrap.fill(l, chars) for l in labels], loc='upper center', fontsize=fontsize, frameon=False,
+                     bbox_to_anchor=(0.5, 0), bbox_transform=offset_copy(ax.transAxes, fig=fig, y=-below, units='points'))
+
 def plot_cmc(results, labels=None, max_rank=20, ax=None, title='CMC'):
-    "CMC curve(s) of one result dict / cmc array, a list of them, or a {label: result} dict"
+    "CMC curve(s) of one result dict / cmc array, a list of them, or a {label: result} dict; the legend below the axes"
     if isinstance(results, dict) and 'cmc' not in results: labels, results = list(results), list(results.values())
     elif isinstance(results, dict) or not isinstance(results, (list, tuple)): results = [results]
     labels = labels or [None] * len(results)
-    if ax is None: _, ax = plt.subplots(figsize=(5, 3.5))
+    new = ax is None
+    if new: _, ax = plt.subplots(figsize=(5, 3.5))
     for label, r in zip(labels, results):
         cmc = np.asarray(r['cmc'] if isinstance(r, dict) else r, dtype=float)[:max_rank] * 100
         if isinstance(r, dict) and 'mAP' in r: label = f"{label + ': ' if label else ''}R1 {cmc[0]:.1f}, mAP {r['mAP'] * 100:.1f}"
         ax.plot(np.arange(1, len(cmc) + 1), cmc, marker='.', label=label)
     ax.set_xlabel('rank'); ax.set_ylabel('matching rate (%)'); ax.set_title(title); ax.grid(alpha=0.3)
-    if any(l is not None for l in labels) or any(isinstance(r, dict) for r in results): ax.legend(loc='lower right')
+    if any(l is not None for l in labels) or any(isinstance(r, dict) for r in results): _legend_below(ax)
+    if new: ax.figure.tight_layout()   # room for the legend (a figure of the caller's: its own layout)
     return ax
 
 # %% ../nbs/04_evaluation.ipynb #266bf209
-def ranked_gallery(dist_row, q_pid, q_camid, g_pids, g_camids, top=None):
-    "Gallery indices in evaluation order for one query: sorted by (distance, index), same pid+camera and junk removed"
+def ranked_gallery(dist_row, q_pid, q_camid, g_pids, g_camids, top=None, cross_camera:bool=True):
+    "Gallery indices in evaluation order for one query: sorted by (distance, index), junk and (`cross_camera`) same pid+camera removed"
     dist_row = torch.as_tensor(dist_row).float().cpu()
     g_pids, g_camids = _long(g_pids, 'cpu'), _long(g_camids, 'cpu')
     order = torch.sort(dist_row, stable=True).indices
-    junk = ((g_pids[order] == int(q_pid)) & (g_camids[order] == int(q_camid))) | (g_pids[order] == -1)
+    same_cam = (g_pids[order] == int(q_pid)) & (g_camids[order] == int(q_camid)) if cross_camera else torch.zeros(len(order), dtype=torch.bool)
+    junk = same_cam | (g_pids[order] == -1)
     order = order[~junk]
     return order[:top] if top is not None else order
 
@@ -433,7 +533,7 @@ def show_framed_image(ax, path, title:str, color:str, size=(128, 64)):
     ax.set_xticks([]); ax.set_yticks([]); ax.set_title(title, fontsize=7)
     for sp in ax.spines.values(): sp.set_edgecolor(color); sp.set_linewidth(4)
 
-def show_retrieval(distmat, query_df, gallery_df, idxs, top=10, size=(128, 64), figsize=None):
+def show_retrieval(distmat, query_df, gallery_df, idxs, top=10, size=(128, 64), figsize=None, cross_camera:bool=True):
     "For each query index in `idxs`: the query and its `top` ranked gallery images, green = correct, red = wrong"
     idxs = [int(i) for i in np.atleast_1d(idxs)]
     distmat = torch.as_tensor(distmat)
@@ -443,7 +543,7 @@ def show_retrieval(distmat, query_df, gallery_df, idxs, top=10, size=(128, 64), 
     for row, qi in zip(axs, idxs):
         q = query_df.iloc[qi]
         show_framed_image(row[0], q['path'], f"query\npid {q['pid']} cam {q['camid']}", 'black', size)
-        order = ranked_gallery(distmat[qi], q['pid'], q['camid'], g_pids, g_camids, top=top)
+        order = ranked_gallery(distmat[qi], q['pid'], q['camid'], g_pids, g_camids, top=top, cross_camera=cross_camera)
         for rank, (ax, gi) in enumerate(zip(row[1:], order.tolist()), 1):
             g = gallery_df.iloc[gi]
             show_framed_image(ax, g['path'], f"{rank}: {float(distmat[qi, gi]):.2f}", 'green' if g['pid'] == q['pid'] else 'red', size)
@@ -473,7 +573,3 @@ def plot_distance_hist(distmat, q_pids, g_pids, q_camids=None, g_camids=None, bi
     ax.hist(pos, edges, density=True, alpha=0.55, color='tab:green', label=f'positive pairs ({n_pos:,})')
     ax.set_xlabel('distance'); ax.set_ylabel('density'); ax.set_title(title); ax.legend()
     return ax
-
-# %% ../nbs/04_evaluation.ipynb #dc3d01be
-_retrieval_feature, _show_image = retrieval_feature, show_framed_image
-def _model_device(model): return _device_of(model)

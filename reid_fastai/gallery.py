@@ -51,36 +51,6 @@ class GalleryIndex:
         self._blocks, self.items, self.meta, self.model = [features], items.reset_index(drop=True), dict(meta), model
         self._concat, self._device_feats, self._faiss, self.path = None, None, {}, None
 
-    @classmethod
-    def from_features(cls, features, # [N, D] features (tensor or array)
-                      items=None, # path, pid, camid per row (default: unknown)
-                      identity:dict|None=None, # the model identity (default: none, e.g. for a benchmark)
-                      normalized:bool=True, # L2-normalise the features (and queries)
-                      flip:bool|None=None, model:ReIDModel|None=None) -> GalleryIndex:
-        "An index of precomputed features (what `build` makes after embedding)"
-        f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float32)
-        if f.ndim != 2: raise ReIDInputError(f"features must be [N, D], got shape {tuple(f.shape)}")
-        f = np.ascontiguousarray(_normalize_np(f) if normalized else f, dtype=np.float32)
-        items = items_table(items) if items is not None else pd.DataFrame({'path': [''] * len(f), 'pid': -1, 'camid': -1})
-        identity = identity or (model.identity if model is not None else None)
-        return cls(f, items, _index_meta(identity, f.shape[1], normalized, flip, len(f)), model)
-
-    @classmethod
-    def build(cls, model, # a `ReIDModel` or what `load_reid_model` loads
-              files_or_df, # a folder, image files, or a table with path (pid, camid)
-              flip:bool=True, # average with the mirrored images' features
-              normalized:bool=True, # store L2-normalised features (then euclidean and cosine rank alike)
-              bs:int=128, num_workers:int=0, device=None,
-              block:int=16384) -> GalleryIndex: # images embedded per block
-        "Embed a gallery once into an index (block by block: memory for the features and one block of images)"
-        m = load_reid_model(model, device=device)
-        items, feats = items_table(files_or_df), None
-        for s in range(0, len(items), block):
-            f = m.features(items.iloc[s:s+block], flip=flip, normalize=normalized, bs=bs, num_workers=num_workers).float().cpu().numpy()
-            if feats is None: feats = np.empty((len(items), f.shape[1]), dtype=np.float32)
-            feats[s:s+len(f)] = f
-        return cls(feats, items, _index_meta(m.identity, feats.shape[1], normalized, flip, len(feats)), m)
-
     def __len__(self): return sum(len(b) for b in self._blocks)
     @property
     def dim(self) -> int: return int(self.meta['dim'])
@@ -96,6 +66,37 @@ class GalleryIndex:
         if self._concat is None or len(self._concat) != len(self):
             self._concat = self._blocks[0] if len(self._blocks) == 1 else np.concatenate(self._blocks)
         return self._concat
+
+# %% ../nbs/08b_gallery.ipynb #71918b69
+@patch(cls_method=True)
+def from_features(cls:GalleryIndex, features, # [N, D] features (tensor or array)
+                  items=None, # path, pid, camid per row (default: unknown)
+                  identity:dict|None=None, # the model identity (default: none, e.g. for a benchmark)
+                  normalized:bool=True, # L2-normalise the features (and queries)
+                  flip:bool|None=None, model:ReIDModel|None=None) -> GalleryIndex:
+    "An index of precomputed features (what `build` makes after embedding)"
+    f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float32)
+    if f.ndim != 2: raise ReIDInputError(f"features must be [N, D], got shape {tuple(f.shape)}")
+    f = np.ascontiguousarray(_normalize_np(f) if normalized else f, dtype=np.float32)
+    items = items_table(items) if items is not None else pd.DataFrame({'path': [''] * len(f), 'pid': -1, 'camid': -1})
+    identity = identity or (model.identity if model is not None else None)
+    return cls(f, items, _index_meta(identity, f.shape[1], normalized, flip, len(f)), model)
+
+@patch(cls_method=True)
+def build(cls:GalleryIndex, model, # a `ReIDModel` or what `load_reid_model` loads
+          files_or_df, # a folder, image files, or a table with path (pid, camid)
+          flip:bool=True, # average with the mirrored images' features
+          normalized:bool=True, # store L2-normalised features (then euclidean and cosine rank alike)
+          bs:int=128, num_workers:int=0, device=None,
+          block:int=16384) -> GalleryIndex: # images embedded per block
+    "Embed a gallery once into an index (block by block: memory for the features and one block of images)"
+    m = load_reid_model(model, device=device)
+    items, feats = items_table(files_or_df), None
+    for s in range(0, len(items), block):
+        f = m.features(items.iloc[s:s+block], flip=flip, normalize=normalized, bs=bs, num_workers=num_workers).float().cpu().numpy()
+        if feats is None: feats = np.empty((len(items), f.shape[1]), dtype=np.float32)
+        feats[s:s+len(f)] = f
+    return cls(feats, items, _index_meta(m.identity, feats.shape[1], normalized, flip, len(feats)), m)
 
 # %% ../nbs/08b_gallery.ipynb #72d6ce0c
 @patch
@@ -179,22 +180,7 @@ def _gallery_chunks(self:GalleryIndex, chunk:int, device):
             yield o + s, t.to(device, non_blocking=True)
         o += len(b)
 
-@patch
-def _faiss_ready(self:GalleryIndex, x:np.ndarray, metric:str) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return _normalize_np(x) if metric == 'cosine' and not self.meta['normalized'] else x
-
-@patch
-def _faiss_index(self:GalleryIndex, metric:str):
-    "faiss's exact flat index of the gallery (L2 for 'euclidean', inner product for 'cosine'), built once per metric"
-    import faiss
-    if metric not in self._faiss:
-        ix = faiss.IndexFlatIP(self.dim) if metric == 'cosine' else faiss.IndexFlatL2(self.dim)
-        for b in self._blocks:
-            for s in range(0, len(b), 65536): ix.add(self._faiss_ready(b[s:s+65536], metric))
-        self._faiss[metric] = ix
-    return self._faiss[metric]
-
+# %% ../nbs/08b_gallery.ipynb #80f58c22
 @patch
 def _topk_torch(self:GalleryIndex, q:torch.Tensor, k:int, metric:str, chunk:int|None, device):
     "Running top-k over gallery blocks: memory O(queries x chunk), whatever the gallery's size"
@@ -219,6 +205,23 @@ def _topk_torch(self:GalleryIndex, q:torch.Tensor, k:int, metric:str, chunk:int|
         dist = (q.square().sum(1, keepdim=True) - best_s).clamp_(min=0).sqrt_() if metric == 'euclidean' else 1 - best_s
     return dist.cpu().numpy(), best_i.cpu().numpy()
 
+# %% ../nbs/08b_gallery.ipynb #12909220
+@patch
+def _faiss_ready(self:GalleryIndex, x:np.ndarray, metric:str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return _normalize_np(x) if metric == 'cosine' and not self.meta['normalized'] else x
+
+@patch
+def _faiss_index(self:GalleryIndex, metric:str):
+    "faiss's exact flat index of the gallery (L2 for 'euclidean', inner product for 'cosine'), built once per metric"
+    import faiss
+    if metric not in self._faiss:
+        ix = faiss.IndexFlatIP(self.dim) if metric == 'cosine' else faiss.IndexFlatL2(self.dim)
+        for b in self._blocks:
+            for s in range(0, len(b), 65536): ix.add(self._faiss_ready(b[s:s+65536], metric))
+        self._faiss[metric] = ix
+    return self._faiss[metric]
+
 @patch
 def _topk_faiss(self:GalleryIndex, q:torch.Tensor, k:int, metric:str):
     import faiss
@@ -229,6 +232,7 @@ def _topk_faiss(self:GalleryIndex, q:torch.Tensor, k:int, metric:str):
     finally: faiss.omp_set_num_threads(before)
     return (np.sqrt(np.maximum(d, 0)) if metric == 'euclidean' else 1 - d), i
 
+# %% ../nbs/08b_gallery.ipynb #c83aff9a
 @patch
 def _queries(self:GalleryIndex, queries, model, bs:int, num_workers:int):
     "Query features (normalised like the gallery) and a table describing each query"
@@ -251,6 +255,7 @@ def _queries(self:GalleryIndex, queries, model, bs:int, num_workers:int):
                              f"{' of model ' + model_name(self.identity) if self.identity else ''}: embed the queries with that model")
     return (F.normalize(q, dim=1) if self.meta['normalized'] else q), info
 
+# %% ../nbs/08b_gallery.ipynb #8ee869d0
 @patch
 def search(self:GalleryIndex, queries, # image files, a folder, a table, features [Q, D] / [D], or a `GalleryIndex` of queries
            k:int=10, # how many gallery images per query
@@ -325,6 +330,7 @@ def save(self:GalleryIndex, path) -> Path:
     self.path = path
     return path
 
+# %% ../nbs/08b_gallery.ipynb #6e05c44f
 @patch(cls_method=True)
 def load(cls:GalleryIndex, path, # a folder written by `GalleryIndex.save`
           model=None, # the model for `add`/`search` with images; it must be the one the index was built with

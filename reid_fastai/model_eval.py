@@ -7,21 +7,23 @@ from __future__ import annotations
 import json, math, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+import matplotlib.pyplot as plt
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from fastai.torch_core import get_model
 
     from reid_fastai.data import ReIDInputError, query_gallery_df
-    from reid_fastai.images import available_cpus
-    from reid_fastai.evaluation import compute_distmat, evaluate_rank, re_ranking, plot_cmc, show_retrieval, check_finite, AP_MODES
-    from reid_fastai.model_io import load_reid_model, jsonable, _model_path
+    from reid_fastai.images import set_torch_threads
+    from reid_fastai.evaluation import (compute_distmat, evaluate_rank, re_ranking, plot_cmc, show_retrieval, check_finite, AP_MODES,
+                                        check_query_gallery, metrics_line)
+    from reid_fastai.model_io import load_reid_model, jsonable, model_path
     from reid_fastai.provenance import device_name, git_commit
 
 # %% auto #0
 __all__ = ['evaluate_features', 'evaluate_model', 'reid_eval']
 
 # %% ../nbs/08a_model_eval.ipynb #4875bb94
-def _native_size_note(paths, size, n:int=20) -> str|None:
+def _native_size_note(paths, size, train_size=None, n:int=20) -> str|None:
     "A one-line note when the images' (sampled) size is not the model's test size, else None"
     from PIL import Image
     paths = list(paths)
@@ -36,26 +38,32 @@ def _native_size_note(paths, size, n:int=20) -> str|None:
     H, W = size
     if (h, w) == (H, W) and len(sizes) == 1: return None
     what = f"{h}x{w}" if len(sizes) == 1 else f"of {len(sizes)} sizes, mostly {h}x{w},"
-    note = f"note: the images are {what} (height x width, {len(pick)} checked); the model was trained at {H}x{W}: they are resized to {H}x{W}"
+    model = (f"the model tests at {H}x{W} (trained at {train_size[0]}x{train_size[1]})" if train_size and tuple(train_size) != (H, W)
+             else f"the model was trained at {H}x{W}" if train_size else f"the model tests at {H}x{W}")
+    note = f"note: the images are {what} (height x width, {len(pick)} checked); {model}: they are resized to {H}x{W}"
     if abs(math.log((h / w) / (H / W))) > math.log(1.25):
         note += f", which changes their aspect ratio ({h / w:.2f} -> {H / W:.2f}): expect lower accuracy than on images shaped like the training ones"
     return note
 
+# %% ../nbs/08a_model_eval.ipynb #1d13d747
 def evaluate_features(qf, gf, # query and gallery features
                       query_df:pd.DataFrame, gallery_df:pd.DataFrame, # their pids and camids (columns pid, camid)
                       metric:str='euclidean', # 'euclidean' or 'cosine'
                       rerank:bool=False, # k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)
                       ap_mode:str='match', # 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
-                      max_rank:int=50) -> dict:
+                      max_rank:int=50,
+                      cross_camera:bool=True, # the Market-1501 rule; False: same-camera matches count (`check_query_gallery`)
+                     ) -> dict:
     "`evaluate_rank` of query x gallery features under the Market-1501 protocol; the result has the distances too"
     if metric not in ('euclidean', 'cosine'): raise ReIDInputError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     if ap_mode not in AP_MODES: raise ReIDInputError(f"the AP definition must be one of {AP_MODES}, got {ap_mode!r}")
     check_finite(qf, 'query features', 'queries', None); check_finite(gf, 'gallery features', 'gallery images', None)
     distmat = re_ranking(qf, gf, metric=metric) if rerank else compute_distmat(qf, gf, metric)
     res = evaluate_rank(distmat, query_df['pid'].values, gallery_df['pid'].values, query_df['camid'].values,
-                        gallery_df['camid'].values, max_rank=max_rank, ap_mode=ap_mode)
+                        gallery_df['camid'].values, max_rank=max_rank, ap_mode=ap_mode, cross_camera=cross_camera)
     return dict(res, distmat=distmat)
 
+# %% ../nbs/08a_model_eval.ipynb #203bb28a
 def _picked_queries(all_ap, n:int=3) -> list:
     "The best, a middling and the worst query by AP (n of them, evenly spread over the ranking)"
     valid = np.flatnonzero(~np.isnan(all_ap))
@@ -69,6 +77,48 @@ def _check_out(out):
     if out.exists() and not out.is_dir(): raise ReIDInputError(f"output folder {out} exists and is a file: give a folder (--out DIR)")
     return out
 
+def _cmc_figure(r:dict, name:str):
+    "The figure of cmc.png: one CMC curve, labelled with the model, its legend below the axes (`plot_cmc`)"
+    fig, ax = plt.subplots(figsize=(4.5, 3.4))
+    plot_cmc(r, labels=[name.split('@')[0]], ax=ax, title='CMC')
+    fig.tight_layout()
+    return fig
+
+def _write_eval(out:Path, res:dict, r:dict, q_df, g_df, n_show:int, name:str, cross_camera:bool=True):
+    out.mkdir(parents=True, exist_ok=True)
+    (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
+    fig = _cmc_figure(r, name)
+    fig.savefig(out/'cmc.png', dpi=80); plt.close(fig)
+    picked = _picked_queries(r['all_AP'], n_show)
+    if picked:
+        fig = show_retrieval(r['distmat'], q_df, g_df, picked, top=min(10, len(g_df)), size=(128, 64), cross_camera=cross_camera)
+        fig.savefig(out/'retrieval.png', dpi=60); plt.close(fig)
+
+# %% ../nbs/08a_model_eval.ipynb #f5330c35
+def _eval_record(m, r:dict, df, q_df, g_df, data, query, gallery, t0:float, note, **opts) -> dict:
+    "What results.json holds: the metrics, the test set's sizes, provenance, and the configuration (`opts`: the options)"
+    dev = m.device
+    res = dict(**{k: r[k] for k in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'n_valid', 'n_skipped')},
+               n_query=len(q_df), n_gallery=len(g_df), seconds=round(time.perf_counter() - t0, 1), device=device_name(dev),
+               git_commit=git_commit(), weights=getattr(get_model(m.model), 'weights', None),
+               recipe=m.recipe.to_dict() if m.recipe is not None else m.identity.get('recipe'),
+               config=dict(model=m.identity.get('source'), model_identity=m.identity, model_name=m.name,
+                           data=str(data) if data is not None and not isinstance(data, pd.DataFrame) else df.attrs.get('name'),
+                           query=None if query is None else str(query), gallery=None if gallery is None else str(gallery),
+                           **opts, size=list(m.size), train_size=list(m.train_size) if m.train_size else None, device=str(dev),
+                           threads=torch.get_num_threads(), size_note=note, n_train_ignored=df.attrs.get('n_train_ignored', 0)),
+               cmc=[float(v) for v in r['cmc']])
+    return jsonable(res)
+
+def _summary_line(res:dict, name:str, out=None) -> str:
+    "The line `evaluate_model` ends with: metrics in percent, queries scored (skipped, and why), gallery size, model, output folder"
+    n_q, n_s, cross = res['n_query'], res['n_skipped'], res['config'].get('cross_camera', True)
+    why = 'no gallery image of its identity' + (' from another camera' if cross else '')
+    queries = f"{n_q - n_s:,} of {n_q:,} queries ({n_s:,} skipped: {why})" if n_s else f"{n_q:,} queries"
+    return (f"evaluate: {metrics_line(res)} on {queries} x {res['n_gallery']:,} gallery images ({name}"
+            f"{'' if cross else ', same-camera matches counted'}){f' -> {out}' if out is not None else ''}")
+
+# %% ../nbs/08a_model_eval.ipynb #c5fdaa85
 def evaluate_model(model, # a `ReIDModel`, or what `load_reid_model` loads: export.pkl, a checkpoint, a reid_train output folder
                    data=None, # a dataset folder, a CSV or a table: its query and gallery rows (`query_gallery_df`)
                    query=None, gallery=None, # or a query folder and a gallery folder
@@ -83,7 +133,8 @@ def evaluate_model(model, # a `ReIDModel`, or what `load_reid_model` loads: expo
                    normalize:bool=True, # L2-normalise the features (as `reid_train`'s evaluation)
                    num_workers:int=0, # loader processes
                    n_show:int=3, # queries in retrieval.png (best, middling, worst by AP)
-                   verbose:bool=True, # print the size note and a one-line summary
+                   verbose:bool=True, # print the notes and a one-line summary
+                   cross_camera:bool=True, # the Market-1501 rule; False: same-camera matches count (a single-camera test set)
                   ) -> dict:
     "Evaluate a trained model on any test set under the Market-1501 protocol; with `out`, write results.json and pictures"
     t0 = time.perf_counter()
@@ -91,47 +142,23 @@ def evaluate_model(model, # a `ReIDModel`, or what `load_reid_model` loads: expo
     if metric not in ('euclidean', 'cosine'): raise ReIDInputError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
     if ap_mode not in AP_MODES: raise ReIDInputError(f"the AP definition must be one of {AP_MODES}, got {ap_mode!r}")
     df = query_gallery_df(data, query, gallery)
+    check_query_gallery(df, cross_camera=cross_camera)   # a test set the protocol cannot score fails before the model is loaded
     m = load_reid_model(model, device=device, size=size)
-    note = _native_size_note(df['path'], m.size)
+    note = _native_size_note(df['path'], m.size, m.train_size)
     if note and verbose: print(note)
+    if not cross_camera and verbose: print("note: same-camera matches count (cross_camera=False, --same-camera-ok): these scores are "
+                                           "not comparable with the Market-1501 protocol's")
     feats = m.features(df, flip=flip, normalize=normalize, bs=bs, num_workers=num_workers)
     n_q = int((df['split'] == 'query').sum())
     q_df, g_df = df.iloc[:n_q].reset_index(drop=True), df.iloc[n_q:].reset_index(drop=True)
-    r = evaluate_features(feats[:n_q], feats[n_q:], q_df, g_df, metric, rerank, ap_mode)
-    dev = m.device
-    res = dict(**{k: r[k] for k in ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'n_valid', 'n_skipped')},
-               n_query=len(q_df), n_gallery=len(g_df), seconds=round(time.perf_counter() - t0, 1), device=device_name(dev),
-               git_commit=git_commit(), weights=getattr(get_model(m.model), 'weights', None),
-               recipe=m.recipe.to_dict() if m.recipe is not None else m.identity.get('recipe'),
-               config=dict(model=m.identity.get('source'), model_identity=m.identity, model_name=m.name,
-                           data=str(data) if data is not None and not isinstance(data, pd.DataFrame) else df.attrs.get('name'),
-                           query=None if query is None else str(query), gallery=None if gallery is None else str(gallery),
-                           flip=flip, normalize=normalize, rerank=rerank, metric=metric, ap_mode=ap_mode, size=list(m.size),
-                           bs=bs, device=str(dev), threads=torch.get_num_threads(), size_note=note,
-                           n_train_ignored=df.attrs.get('n_train_ignored', 0)),
-               cmc=[float(v) for v in r['cmc']])
-    res = jsonable(res)
-    if out is not None: _write_eval(out, res, r, q_df, g_df, n_show, m.name)
-    if verbose:
-        print(f"evaluate: R1 {res['R1']:.3f}  mAP {res['mAP']:.3f}  mINP {res['mINP']:.3f} on {len(q_df):,} queries x "
-              f"{len(g_df):,} gallery images ({m.name}){f' -> {out}' if out is not None else ''}")
+    r = evaluate_features(feats[:n_q], feats[n_q:], q_df, g_df, metric, rerank, ap_mode, cross_camera=cross_camera)
+    res = _eval_record(m, r, df, q_df, g_df, data, query, gallery, t0, note, flip=flip, normalize=normalize, rerank=rerank,
+                       metric=metric, ap_mode=ap_mode, cross_camera=cross_camera, bs=bs)
+    if out is not None: _write_eval(out, res, r, q_df, g_df, n_show, m.name, cross_camera)
+    if verbose: print(_summary_line(res, m.name, out))
     return res
 
-def _write_eval(out:Path, res:dict, r:dict, q_df, g_df, n_show:int, name:str):
-    import matplotlib.pyplot as plt
-    out.mkdir(parents=True, exist_ok=True)
-    (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
-    fig, ax = plt.subplots(figsize=(4, 3))
-    plot_cmc(r, labels=[name.split('@')[0]], ax=ax, title='CMC')
-    fig.tight_layout(); fig.savefig(out/'cmc.png', dpi=80); plt.close(fig)
-    picked = _picked_queries(r['all_AP'], n_show)
-    if picked:
-        fig = show_retrieval(r['distmat'], q_df, g_df, picked, top=min(10, len(g_df)), size=(128, 64))
-        fig.savefig(out/'retrieval.png', dpi=60); plt.close(fig)
-
 # %% ../nbs/08a_model_eval.ipynb #c5a0a3cf
-_CLI_ERRORS = (ReIDInputError, ValueError, OSError)   # what `reid_eval_cli` reports as bad input (missing files, bad layouts, unreadable images, options)
-
 def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train output folder
               data:str=None, # a dataset folder (any layout reid_df knows, or query/ + bounding_box_test/ alone) or a CSV
               query:str=None, # a folder of query images (with --gallery, instead of --data)
@@ -140,10 +167,11 @@ def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train ou
               rerank:bool=False, # k-reciprocal re-ranking
               metric:str='euclidean', # 'euclidean' or 'cosine'
               ap:str='match', # AP definition: 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
+              same_camera_ok:bool=False, # count same-camera matches too (a single-camera test set): not the Market-1501 protocol
               out:str=None, # folder for results.json, cmc.png and retrieval.png (default: print only)
               device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
               bs:int=128, # images per batch
-              size:tuple=None, # test (height, width) (default: the training size)
+              size:tuple=None, # test (height, width) (default: the training size; another one warns, an impossible one is refused)
               arch:str=None, # a checkpoint without its results.json: the timm backbone it was trained with
               recipe:str=None, # ... and its recipe
               pretrained:str=None, # ... and its initial weights (they set the input normalisation), e.g. imagenet, lite0, none
@@ -154,10 +182,9 @@ def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train ou
     try: dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     except RuntimeError: raise ReIDInputError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
     if dev.type == 'cuda' and not torch.cuda.is_available(): raise ReIDInputError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    if threads or dev.type == 'cpu': torch.set_num_threads(threads or available_cpus())
-    _check_out(out); _model_path(model)
-    query_gallery_df(data, query, gallery)   # bad test data fails before the model is loaded
+    if threads or dev.type == 'cpu': set_torch_threads(threads)   # the one thread policy (reid_fastai.images)
+    _check_out(out); model_path(model)
+    check_query_gallery(query_gallery_df(data, query, gallery), cross_camera=not same_camera_ok)   # bad test data fails before the model loads
     m = load_reid_model(model, device=dev, arch=arch, recipe=recipe, size=tuple(size) if size else None, pretrained=pretrained)
     return evaluate_model(m, data, query, gallery, flip=flip, rerank=rerank, metric=metric, ap_mode=ap, bs=bs, out=out,
-                          num_workers=workers)
-
+                          num_workers=workers, cross_camera=not same_camera_ok)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_model_io.ipynb #8dd5f52c
 from __future__ import annotations
-import dataclasses, hashlib, json, os, warnings
+import dataclasses, hashlib, json, math, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd, torch
@@ -18,11 +18,12 @@ with warnings.catch_warnings():  # fastai's import-time FutureWarning would prin
     from reid_fastai.loaders import ReIDTestDL, reid_test_dl
     from reid_fastai.models import pretrained_stats
     from reid_fastai.checkpoint import load_checkpoint_file, checkpoint_weights, latest_checkpoint
-    from reid_fastai.evaluation import extract_features
+    from reid_fastai.evaluation import embed_images
     from reid_fastai.recipes import Recipe, get_recipe, recipe_model
 
 # %% auto #0
-__all__ = ['weights_sha1', 'model_name', 'same_features', 'jsonable', 'ReIDModel', 'load_checkpoint_weights', 'load_reid_model']
+__all__ = ['MAX_ASPECT_CHANGE', 'weights_sha1', 'model_name', 'same_features', 'jsonable', 'ReIDModel', 'output_stride',
+           'check_test_size', 'load_checkpoint_weights', 'model_path', 'check_carried', 'load_reid_model']
 
 # %% ../nbs/08_model_io.ipynb #4336cb15
 def weights_sha1(model:nn.Module) -> str:
@@ -62,6 +63,7 @@ class ReIDModel:
     identity: dict  # sha1 of the weights, arch, recipe, n_classes, feat_dim, size, stats, source
     learner: Learner|None = None  # the fastai `Learner` when it came from an export.pkl
     recipe: Recipe|None = None  # the training recipe, when known
+    train_size: tuple|None = None  # (height, width) it was trained at (None: unknown, e.g. a bare `nn.Module`)
 
     @property
     def name(self) -> str: return model_name(self.identity)
@@ -70,8 +72,8 @@ class ReIDModel:
     def __repr__(self): return f"ReIDModel({self.name}, from {self.identity.get('source')})"
 
     def at_size(self, size) -> ReIDModel:
-        "The same weights tested at another `size` (a new identity: features at two sizes do not mix)"
-        size = tuple(int(s) for s in size)
+        "The same weights tested at another `size`, checked by `check_test_size` (a new identity: features at two sizes do not mix)"
+        size = check_test_size(size, self.train_size, output_stride(self.model))
         return dataclasses.replace(self, size=size, identity={**self.identity, 'size': list(size)})
 
     def dl(self, df_or_files, bs:int=128, num_workers:int=0) -> ReIDTestDL:
@@ -83,17 +85,56 @@ class ReIDModel:
         return torch.cat([b[0].as_subclass(torch.Tensor) for b in self.dl(list(files))])
 
     def features(self, df_or_files, flip:bool=True, normalize:bool=True, bs:int=128, num_workers:int=0) -> torch.Tensor:
-        "Retrieval features `[N, D]` (float32, on the model's device) of a table or a list of image files"
-        feats, _, _ = extract_features(self.model, self.dl(df_or_files, bs, num_workers), flip=flip, normalize=normalize)
-        return feats
+        "Retrieval features `[N, D]` (float32, on the model's device) of a table or a list of image files (`embed_images`)"
+        return embed_images(self.model, df_or_files, self.size, self.stats, flip, normalize, bs, num_workers)
 
-# %% ../nbs/08_model_io.ipynb #31d9ea05
+# %% ../nbs/08_model_io.ipynb #8859fb0f
+MAX_ASPECT_CHANGE = 1.5   # a test size whose height/width is off the training one by more than this factor is refused
+
+def output_stride(model:nn.Module) -> int|None:
+    "Input pixels per cell of the backbone's last feature map (measured); None for a model without a timm `.backbone`"
+    bb = getattr(get_model(model), 'backbone', None)
+    if not callable(getattr(bb, 'forward_features', None)): return None
+    p, was_training = one_param(bb), bb.training
+    bb.eval()   # a probe must not update BatchNorm's running statistics
+    try:
+        with torch.no_grad(): fmap = bb.forward_features(torch.zeros(1, 3, 128, 128, device=p.device, dtype=p.dtype))
+    finally: bb.train(was_training)
+    return math.ceil(128 / fmap.shape[-1])
+
+def check_test_size(size, # (height, width) to test at
+                    train_size=None, # (height, width) the model was trained at (None: unknown)
+                    stride:int|None=None, # the network's `output_stride` (None: unknown)
+                   ) -> tuple:
+    "`size` as (height, width) ints: one clear error when it is impossible, a one-line warning when it is not the training size"
+    try:
+        h, w = (int(s) for s in size)
+        if (h, w) != tuple(float(s) for s in size): raise ValueError
+    except (TypeError, ValueError): raise ReIDInputError(f"the test size must be two whole numbers, height and width (--size H W), got {size!r}") from None
+    H, W = (int(s) for s in train_size) if train_size else (None, None)
+    trained = f" (the model was trained at {H}x{W})" if train_size else ''
+    if h <= 0 or w <= 0: raise ReIDInputError(f"test size {h}x{w} (height x width) is not positive{trained}: give two positive sizes (--size H W)")
+    if stride and min(h, w) < stride:
+        raise ReIDInputError(f"test size {h}x{w} is too small for this network{trained}: each side must be at least {stride} pixels, its "
+                             f"output stride (one cell of its last feature map); leave --size out to test at the training size")
+    if not train_size: return h, w
+    off = (h / w) / (H / W)
+    if max(off, 1 / off) > MAX_ASPECT_CHANGE:
+        raise ReIDInputError(f"test size {h}x{w} has height/width {h / w:.2f}, but the model was trained at {H}x{W} ({H / W:.2f}): more "
+                             f"than {MAX_ASPECT_CHANGE}x off{' (height and width swapped?)' if (h, w) == (W, H) else ''}, which squeezes "
+                             f"every person; give a size in the training proportions (--size H W, height first) or leave --size out")
+    if (h, w) != (H, W):
+        warnings.warn(f"testing at {h}x{w}, but the model was trained at {H}x{W} (height x width): its features, and so its scores, "
+                      f"are not those of its training size; leave --size out to test at {H}x{W}")
+    return h, w
+
+# %% ../nbs/08_model_io.ipynb #3270d752
 def _model_info(model) -> dict:
     "Arch and class count a `ReIDNet`/`JLML` records about itself"
     m = get_model(model)
     return dict(arch=getattr(m, 'arch', None), n_classes=getattr(m, 'n_classes', None), feat_dim=getattr(m, 'feat_dim', None))
 
-def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None) -> ReIDModel:
+def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None, train_size=None) -> ReIDModel:
     "A `ReIDModel` of `model` (put in eval mode); `recipe` a `Recipe` or a name"
     model.eval()
     info = _model_info(model)
@@ -102,12 +143,20 @@ def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None) -> R
     name = recipe.name if isinstance(recipe, Recipe) else recipe
     identity = dict(sha1=weights_sha1(model), arch=arch or info['arch'], recipe=name, n_classes=info['n_classes'],
                     feat_dim=info['feat_dim'], size=list(size), stats=[stats[0], stats[1]], source=str(source))
-    return ReIDModel(model, size, stats, identity, learner, recipe if isinstance(recipe, Recipe) else None)
+    return ReIDModel(model, size, stats, identity, learner, recipe if isinstance(recipe, Recipe) else None,
+                     tuple(int(s) for s in train_size) if train_size else None)
 
 def _learner_size_stats(learn):
     "Test size and normalisation of a learner: its `ReIDDataLoaders` keep them (`dls.size`, `dls.stats`), exported too"
     return getattr(learn.dls, 'size', None), getattr(learn.dls, 'stats', None)
 
+def _from_learner(learn, source) -> ReIDModel:
+    "A `ReIDModel` of a `Learner`, at the size and with the normalisation it was trained with"
+    s, st = _learner_size_stats(learn)
+    return _wrap(learn.model, s or (256, 128), st or pretrained_stats('', 'none'), source, getattr(learn, 'arch', None),
+                 getattr(learn, 'recipe', None), learn, train_size=s)
+
+# %% ../nbs/08_model_io.ipynb #31d9ea05
 def _classifier_classes(sd:dict):
     w = sd.get('classifier.weight')
     return int(w.shape[0]) if w is not None else None
@@ -194,46 +243,81 @@ def _read_model_file(file:Path):
     raise ReIDInputError(f"{file} is neither an export.pkl (fastai `Learner.export`, as reid_train writes) nor a checkpoint of "
                          f"`ReIDCheckpoint` ({why}): give one of those, or a reid_train output folder")
 
-def _model_path(model) -> Path:
+# %% ../nbs/08_model_io.ipynb #276ce6d4
+def model_path(model) -> Path:
+    "`model` (a model file or a reid_train output folder) as a `Path`; a clear error when it does not exist"
     file = Path(model).expanduser()
     if not file.exists():
         raise ReIDInputError(f"model file {file} does not exist: give an export.pkl (reid_train writes OUT/export.pkl), a "
                              f"checkpoint (OUT/checkpoints/ckpt_*.pth) or a reid_train output folder")
     return file
 
+def _recorded(m:ReIDModel) -> dict: return dict(arch=m.identity.get('arch'), recipe=m.identity.get('recipe'), stats=m.stats)
+
+def _recorded_by_run(info:dict) -> dict:
+    "What a checkpoint's results.json records: arch, recipe, and the normalisation of its initial weights"
+    arch, pre = info.get('arch'), info.get('pretrained')
+    try: stats = pretrained_stats(arch, pre) if arch and pre else None
+    except (ValueError, OSError, TypeError): stats = None
+    return dict(arch=arch, recipe=info.get('recipe'), stats=stats)
+
+def check_carried(source, # the model file (or object) that records them
+                  recorded:dict, # what it records: arch, recipe, stats (None where it records nothing)
+                  arch=None, recipe=None, stats=None, pretrained=None) -> None:
+    "Refuse an arch, recipe, normalisation or initial weights that contradict what a model records (equal ones are fine)"
+    why = "leave it out (--arch, --recipe and --pretrained are for a checkpoint without its run's results.json)"
+    for opt, given in (('arch', arch), ('recipe', getattr(recipe, 'name', recipe))):
+        own = recorded.get(opt)
+        if given is not None and own is not None and given != own:
+            raise ReIDInputError(f"{source} was trained with {opt} {own!r}, which it records; {opt} {given!r} (--{opt}) contradicts it: {why}")
+    own, base = recorded.get('stats'), recorded.get('arch') or arch
+    if own is None: return
+    implied = [('stats', stats, 'stats=')] + ([('pretrained', pretrained_stats(base, pretrained), f"pretrained {pretrained!r} (--pretrained)")]
+                                              if pretrained is not None and base else [])
+    def fmt(s): return f"mean {[round(float(v), 4) for v in s[0]]}, std {[round(float(v), 4) for v in s[1]]}"
+    for opt, st, what in implied:
+        if st is not None and not np.allclose(np.asarray(st, dtype=float), np.asarray(own, dtype=float), atol=1e-6):
+            raise ReIDInputError(f"{source} normalises its input as it was trained ({fmt(own)}); {what} implies {fmt(st)}: {why}")
+
+# %% ../nbs/08_model_io.ipynb #8b03ae75
+def _from_file(file:Path, arch, recipe, size, n_classes, stats, pretrained) -> ReIDModel:
+    "A `ReIDModel` of a model file or a reid_train output folder (its export.pkl, else its newest checkpoint)"
+    if file.is_dir():
+        ck = latest_checkpoint(file/'checkpoints') if (file/'checkpoints').is_dir() else None
+        if (file/'export.pkl').is_file(): file = file/'export.pkl'
+        elif ck is not None: file = ck
+        else: raise ReIDInputError(f"model folder {file} holds neither export.pkl nor checkpoints/*.pth: give a reid_train "
+                                   f"output folder, or the model file itself")
+    kind, obj = _read_model_file(file)
+    if kind == 'learner':
+        res = _from_learner(obj, file)
+        check_carried(file, _recorded(res), arch, recipe, stats, pretrained)
+        return res
+    if kind == 'module': return _wrap(obj, size or (256, 128), stats or pretrained_stats('', 'none'), file, arch, recipe)
+    info = _run_info(file)   # a checkpoint: its run's results.json says how to rebuild it
+    check_carried(file, _recorded_by_run(info), arch, recipe, stats, pretrained)
+    trained = tuple(info['size']) if info.get('size') else None
+    res = _from_checkpoint(file, obj, arch, recipe, None if trained else size, n_classes, stats, pretrained)
+    return dataclasses.replace(res, train_size=trained)
+
+# %% ../nbs/08_model_io.ipynb #b7f64f1b
 def load_reid_model(model, # export.pkl, a `ReIDCheckpoint` .pth, a reid_train output folder, a `Learner`, an `nn.Module` or a `ReIDModel`
                     device=None, # where the model runs (default: CUDA if available, else the CPU)
-                    arch:str|None=None, # checkpoint: the timm backbone (default: from the run's results.json)
-                    recipe=None, # checkpoint: the recipe name (default: from results.json)
-                    size=None, # (height, width) to test at (default: the training size)
+                    arch:str|None=None, # checkpoint without results.json: the timm backbone (else recorded: must not differ)
+                    recipe=None, # checkpoint without results.json: the recipe name (else recorded: must not differ)
+                    size=None, # (height, width) to test at (default: the training size; another one warns, `check_test_size`)
                     n_classes:int|None=None, # checkpoint: the class count to build for (default: the checkpoint's; must match it)
-                    stats=None, # input normalisation (mean, std) (default: the training data's)
-                    pretrained=None, # checkpoint: the initial weights it was trained from, which set the normalisation (default: from results.json)
+                    stats=None, # input normalisation (mean, std) of a bare `nn.Module` (else recorded: must not differ)
+                    pretrained=None, # checkpoint without results.json: the initial weights, which set the normalisation
                    ) -> ReIDModel:
     "A `ReIDModel` from an exported learner or a checkpoint: eval-mode model, test size, normalisation and identity"
-    if isinstance(model, ReIDModel): res = model
-    elif isinstance(model, Learner):
-        s, st = _learner_size_stats(model)
-        res = _wrap(model.model, size or s or (256, 128), stats or st or pretrained_stats('', 'none'), 'Learner',
-                    getattr(model, 'arch', None), getattr(model, 'recipe', None), model)
+    if isinstance(model, (ReIDModel, Learner)):
+        res = model if isinstance(model, ReIDModel) else _from_learner(model, 'Learner')
+        check_carried(res.identity.get('source'), _recorded(res), arch, recipe, stats, pretrained)
     elif isinstance(model, nn.Module):
-        res = _wrap(model, size or (256, 128), stats or pretrained_stats('', 'none'), type(model).__name__, arch, recipe)
-    else:
-        file = _model_path(model)
-        if file.is_dir():
-            ck = latest_checkpoint(file/'checkpoints') if (file/'checkpoints').is_dir() else None
-            if (file/'export.pkl').is_file(): file = file/'export.pkl'
-            elif ck is not None: file = ck
-            else: raise ReIDInputError(f"model folder {file} holds neither export.pkl nor checkpoints/*.pth: give a reid_train "
-                                       f"output folder, or the model file itself")
-        kind, obj = _read_model_file(file)
-        if kind == 'checkpoint': res = _from_checkpoint(file, obj, arch, recipe, size, n_classes, stats, pretrained)
-        elif kind == 'learner':
-            s, st = _learner_size_stats(obj)
-            res = _wrap(obj.model, size or s or (256, 128), stats or st or pretrained_stats('', 'none'), file,
-                        getattr(obj, 'arch', None), getattr(obj, 'recipe', None), obj)
-        else: res = _wrap(obj, size or (256, 128), stats or pretrained_stats('', 'none'), file, arch, recipe)
-    if size is not None and tuple(size) != tuple(res.size): res = res.at_size(size)
+        res = _wrap(model, (256, 128) if size is None else size, stats or pretrained_stats('', 'none'), type(model).__name__, arch, recipe)
+    else: res = _from_file(model_path(model), arch, recipe, size, n_classes, stats, pretrained)
+    if size is not None: res = res.at_size(size)
     fresh = isinstance(model, (str, os.PathLike))   # loaded here (on the CPU): move it; a model passed in stays where it is
     if device is not None or fresh:
         res.model.to(torch.device(device) if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')

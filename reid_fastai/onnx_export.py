@@ -7,11 +7,10 @@ from __future__ import annotations
 import copy, json, math, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-import torch.nn.functional as F
 from torch import nn
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
-    from reid_fastai.models import retrieval_feature
+    from reid_fastai.evaluation import embed_batch
     from reid_fastai.model_io import ReIDModel, load_reid_model, jsonable
 
 # %% auto #0
@@ -23,11 +22,9 @@ class RetrievalModule(nn.Module):
     def __init__(self, model:nn.Module, flip:bool=False, normalize:bool=False):
         super().__init__()
         self.model, self.flip, self.normalize = model, flip, normalize
-    def forward(self, x):
-        f = retrieval_feature(self.model(x)).float()
-        if self.flip: f = (f + retrieval_feature(self.model(x.flip(3))).float()) / 2
-        return F.normalize(f, dim=1) if self.normalize else f
+    def forward(self, x): return embed_batch(self.model, x, self.flip, self.normalize)
 
+# %% ../nbs/08c_onnx.ipynb #882cd623
 def have_onnx() -> bool:
     "Are onnx and onnxruntime (`pip install onnx onnxruntime`) importable?"
     try: import onnx, onnxruntime  # noqa: F401
@@ -43,6 +40,7 @@ def onnx_session(file, # an .onnx file
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads or torch.get_num_threads(), 1
     return ort.InferenceSession(str(file), opts, providers=['CPUExecutionProvider'])
 
+# %% ../nbs/08c_onnx.ipynb #2e4c9808
 def _cpu_module(m:ReIDModel) -> nn.Module:
     return (m.model if m.device.type == 'cpu' else copy.deepcopy(m.model).cpu()).eval()
 
@@ -77,6 +75,14 @@ def export_onnx(model, # a `ReIDModel`, or what `load_reid_model` loads (export.
     onnx.save(proto, str(file))
     return file
 
+# %% ../nbs/08c_onnx.ipynb #1ab24ef0
+def _median_ms(fn, repeat:int) -> float:
+    "Median wall time of `repeat` calls of `fn`, in milliseconds"
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1000
+
 def check_onnx(file, # an .onnx file written by `export_onnx`
                model, # the model it was exported from (`ReIDModel` or what `load_reid_model` loads)
                files, # real images to compare on
@@ -101,13 +107,8 @@ def check_onnx(file, # an .onnx file written by `export_onnx`
             xb = x[:bs].contiguous()
             with torch.no_grad(): ref, ref64 = net(xb).numpy(), net64(xb.double()).numpy()
             got = sess.run(['features'], {'images': xb.numpy()})[0]
-            def med(fn):
-                ts = []
-                for _ in range(repeat):
-                    t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-                return float(np.median(ts)) * 1000
-            with torch.no_grad(): t_torch = med(lambda: net(xb))
-            t_ort = med(lambda: sess.run(['features'], {'images': xb.numpy()}))
+            with torch.no_grad(): t_torch = _median_ms(lambda: net(xb), repeat)
+            t_ort = _median_ms(lambda: sess.run(['features'], {'images': xb.numpy()}), repeat)
             rows.append(dict(batch=bs, shape=tuple(got.shape), max_abs_diff=float(np.abs(got - ref).max()),
                              max_abs_diff_fp64=float(np.abs(got - ref64).max()), torch_fp32_vs_fp64=float(np.abs(ref - ref64).max()),
                              feature_max_abs=float(np.abs(ref64).max()), onnxruntime_ms=round(t_ort, 2), torch_ms=round(t_torch, 2)))
