@@ -4,8 +4,6 @@
 
 # %% ../nbs/00a_augment.ipynb #698a7905
 from __future__ import annotations
-import warnings
-warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)  # fastai.layers, at import: harmless
 import math, random
 import torch
 import torch.nn.functional as F
