@@ -4,22 +4,23 @@
 
 # %% ../nbs/05b_learner.ipynb #b40c426c
 from __future__ import annotations
+import inspect
 from functools import partial
 import torch
 from torch import nn
 from fastcore.basics import ifnone
 from fastcore.foundation import L
+from fastcore.meta import delegates
 from fastai.learner import Learner, join_path_file
 from fastai.callback.channelslast import ChannelsLast
 from fastai.vision.core import imagenet_stats
 
-from .data import items_table
-from .models import reid_splitter
+from .images import set_torch_threads
+from .models import reid_splitter, resolve_pretrained, pretrained_stats
 from .callbacks import (CenterLossOptimizer, CameraBiasSchedule, ReIDEvalCallback, NaNStop, LossTermsRecorder, plot_loss_terms,
                         LeanLogging, fit_warmup_multistep)
 from .checkpoint import save_checkpoint, load_checkpoint
-from .evaluation import extract_features
-from .loaders import reid_test_dl
+from .evaluation import embed_images
 from .recipes import get_recipe, recipe_model, recipe_loss, recipe_schedule
 from .optim import reid_opt_func
 
@@ -27,10 +28,65 @@ from .optim import reid_opt_func
 __all__ = ['ReIDLearner', 'reid_learner', 'plot_training', 'extract_image_features']
 
 # %% ../nbs/05b_learner.ipynb #334fa360
-def _auto_precision(device, mixed_precision):
-    if mixed_precision != 'auto': return mixed_precision
-    if device.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    return None
+def _recipe_callbacks(r, # the `Recipe`
+                      device, eval_every, flip, rerank, ap_mode, center_lr, channels_last,
+                      with_attrs:bool=False # the model has attribute heads and the data attributes: report their accuracy
+                     ) -> list:
+    "The callbacks recipe `r` trains with (see the list above)"
+    metrics = ('R1', 'R5', 'R10', 'mAP', 'mINP') + (('attr_acc',) if with_attrs else ())
+    cbs = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode, metrics=metrics), LossTermsRecorder(),
+           NaNStop(), LeanLogging()]
+    if 'center' in r.terms: cbs.append(CenterLossOptimizer(lr=center_lr))
+    if r.loss.get('camera_bias'): cbs.append(CameraBiasSchedule())
+    if ifnone(channels_last, device.type == 'cuda'): cbs.append(ChannelsLast())
+    return cbs
+
+# %% ../nbs/05b_learner.ipynb #8a398313
+def _flat_stats(stats) -> torch.Tensor: return torch.cat([torch.as_tensor(s, dtype=torch.float64).flatten() for s in stats])
+
+def _check_stats(dls, arch:str, pretrained):
+    "Nothing if `dls.stats` are those the `pretrained` weights of `arch` were trained with (or unknown); else an error naming the fix"
+    kind, _ = resolve_pretrained(arch, pretrained)
+    have = getattr(dls, 'stats', None)
+    if kind not in ('hub', 'package') or have is None: return   # no weights, or a file whose statistics we cannot know
+    want = pretrained_stats(arch, pretrained)
+    h, w = _flat_stats(have), _flat_stats(want)
+    if h.shape == w.shape and torch.allclose(h, w, atol=1e-3): return
+    def _fmt(s): return '(' + ', '.join(f'{float(v):.3g}' for v in torch.as_tensor(s, dtype=torch.float64).flatten()) + ')'
+    raise ValueError(f"the dls normalise with mean {_fmt(have[0])} and std {_fmt(have[1])}, but the {arch} weights "
+                     f"(pretrained={pretrained!r}) expect mean {_fmt(want[0])} and std {_fmt(want[1])}: build the dls with "
+                     f"reid_dataloaders(..., stats=pretrained_stats({arch!r}, {pretrained!r}))")
+
+# %% ../nbs/05b_learner.ipynb #cba2b0c6
+def _precision(device, mixed_precision) -> str|None:
+    "'bf16', 'fp16' or None (fp32) for `mixed_precision` on `device` ('auto': bf16, else fp16, on CUDA; fp32 elsewhere)"
+    prec = mixed_precision
+    if prec == 'auto': prec = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if device.type == 'cuda' else None
+    if prec not in (None, 'bf16', 'fp16'): raise ValueError(f"mixed_precision must be 'bf16', 'fp16', None or 'auto', got {prec!r}")
+    if prec and device.type != 'cuda': raise ValueError(f"mixed_precision={prec!r} needs a CUDA device; the dls are on {device}")
+    return prec
+
+# %% ../nbs/05b_learner.ipynb #52bb5dad
+_RECIPE_ARGS = ['loss_func', 'opt_func', 'splitter']   # `Learner` arguments a recipe sets
+
+def _learner_kwargs(kwargs:dict) -> dict:
+    "`kwargs` if they are all `Learner` arguments `reid_learner` leaves free; else an error that says where they go"
+    for k in kwargs:
+        if k in _RECIPE_ARGS: raise TypeError(f"reid_learner: {k} comes from the recipe; change the recipe instead (get_recipe(name, ...) or a Recipe)")
+        if k not in inspect.signature(Learner.__init__).parameters:
+            raise TypeError(f"reid_learner got {k}={kwargs[k]!r}, which is not a Learner argument; "
+                            f"model options go in model_kwargs, e.g. model_kwargs=dict({k}={kwargs[k]!r})")
+    return kwargs
+
+def _model_options(r, dls, model_kwargs:dict|None) -> dict:
+    "The model options: `model_kwargs`, and the attribute heads' sizes from `dls` for a recipe that trains them"
+    opts = dict(model_kwargs or {})
+    if 'attr' in r.terms:
+        if not getattr(dls, 'n_attrs', None):
+            raise ValueError(f"recipe {r.name!r} trains attribute heads: build the data with reid_dataloaders(..., attributes=...), "
+                             "e.g. attributes=market_attributes('market_attribute.mat')")
+        opts.setdefault('n_attrs', dls.n_attrs)
+    return opts
 
 # %% ../nbs/05b_learner.ipynb #0fbf4ba8
 class ReIDLearner(Learner):
@@ -53,6 +109,7 @@ class ReIDLearner(Learner):
         return self
 
 # %% ../nbs/05b_learner.ipynb #29bce0ff
+@delegates(Learner, but=_RECIPE_ARGS)
 def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders`)
                  arch:str='resnet50', # timm backbone
                  recipe='paper', # a recipe name (see `list_recipes()`) or a `Recipe`
@@ -68,38 +125,32 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
                  wd_bn_bias:bool=True, # decay biases and BatchNorm weights too (BoT)
                  optimizer:str='torch', # 'torch': PyTorch's fused Adam (fast, sync-free NaN guard); 'fastai': fastai's `Adam`
                  center_lr:float=0.5, # learning rate of the centres' SGD
-                 flip:bool=True, # flip test-time augmentation in the evaluation
+                 flip:bool|None=None, # flip test-time augmentation in the evaluation (default: the recipe's `test_flip`)
                  rerank:bool=False, # k-reciprocal re-ranking in the evaluation
                  ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                  channels_last:bool|None=None, # channels-last memory format (default: on CUDA)
                  compile:bool=False, # `torch.compile` the model (in place, state-dict keys unchanged)
                  path='.', # folder of exports and checkpoints
-                 **model_kwargs): # override the recipe's model options (`last_stride`, `pool`, `embed_dim`, ...)
+                 threads:int|None=None, # torch CPU threads (default: the thread policy on a CPU, left alone on a GPU)
+                 model_kwargs:dict|None=None, # override the recipe's model options (`last_stride`, `pool`, `embed_dim`, ...)
+                 **kwargs): # more `Learner` arguments (`metrics`, `model_dir`, `train_bn`, `moms`, `default_cbs`)
     "A fastai `Learner` for `recipe`: model, `ReIDLoss`, Adam, `reid_splitter` and the recipe's callbacks"
     r = get_recipe(recipe)
-    if 'attr' in r.terms:
-        if not getattr(dls, 'n_attrs', None):
-            raise ValueError(f"recipe {r.name!r} trains attribute heads: build the data with reid_dataloaders(..., attributes=...), "
-                             "e.g. attributes=market_attributes('market_attribute.mat')")
-        model_kwargs.setdefault('n_attrs', dls.n_attrs)
+    _check_stats(dls, arch, pretrained)   # before anything is built
+    kwargs, model_kwargs = _learner_kwargs(kwargs), _model_options(r, dls, model_kwargs)
+    device = torch.device(getattr(dls, 'device', None) or 'cpu')
+    prec = _precision(device, mixed_precision)
+    if threads or device.type == 'cpu': set_torch_threads(threads)
+    flip = r.test_flip if flip is None else flip
     model = recipe_model(r, dls.n_classes, arch=arch, pretrained=pretrained, **model_kwargs)
     loss = recipe_loss(r, dls.n_classes, model.feat_dim)
     with_attrs = getattr(model, 'attr_heads', None) is not None and getattr(dls, 'attributes', None) is not None
-    metrics = ('R1', 'R5', 'R10', 'mAP', 'mINP') + (('attr_acc',) if with_attrs else ())
-    cb_list = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode, metrics=metrics), LossTermsRecorder(),
-               NaNStop(), LeanLogging()]
-    if 'center' in r.terms: cb_list.append(CenterLossOptimizer(lr=center_lr))
-    if r.loss.get('camera_bias'): cb_list.append(CameraBiasSchedule())
-    device = torch.device(getattr(dls, 'device', None) or 'cpu')
-    if channels_last is None: channels_last = device.type == 'cuda'
-    if channels_last: cb_list.append(ChannelsLast())
+    cb_list = _recipe_callbacks(r, device, eval_every, flip, rerank, ap_mode, center_lr, channels_last, with_attrs)
     if compile: model.compile()
     learn = ReIDLearner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
-                    wd_bn_bias=wd_bn_bias, splitter=partial(reid_splitter, loss=loss), cbs=cb_list + L(cbs), path=path)
+                    wd_bn_bias=wd_bn_bias, splitter=partial(reid_splitter, loss=loss), cbs=cb_list + L(cbs), path=path, **kwargs)
     learn.recipe, learn.arch = r, arch
-    prec = _auto_precision(device, mixed_precision)
-    if prec not in (None, 'bf16', 'fp16'): raise ValueError(f"mixed_precision must be 'bf16', 'fp16', None or 'auto', got {prec!r}")
-    if prec and device.type != 'cuda': raise ValueError(f"mixed_precision={prec!r} needs a CUDA device; the dls are on {device}")
+    learn.test_flip = flip   # the test-time augmentation the evaluation uses: results record it
     if prec == 'bf16': learn.to_bf16()
     elif prec == 'fp16': learn.to_fp16()
     return learn
@@ -124,22 +175,17 @@ def plot_training(learn, fname=None, title:str|None=None):
     return fig
 
 # %% ../nbs/05b_learner.ipynb #eb4d2628
-def _image_dl(files, dls=None, size=None, stats=None, bs:int=64):
-    "A test-time loader over image `files` at the size and normalisation of `dls` (`ReIDDataLoaders.size`/`.stats`), or `size` + `stats`"
-    size = size or getattr(dls, 'size', None) or (256, 128)
-    stats = stats or getattr(dls, 'stats', None) or imagenet_stats
-    return reid_test_dl(items_table(list(files)), size, stats, bs=bs)
-
 def extract_image_features(learn_or_model, # a `Learner` (its `dls.valid` transforms are used) or a model
                            files, # image paths
                            size=None, # (H, W); default: the learner's test size (256x128 for a bare model)
-                           flip:bool=True, # average with the mirrored image's feature
+                           flip:bool|None=None, # average with the mirrored image's feature (default: the learner's `test_flip`, else no)
                            normalize:bool=False, # L2-normalise the features
                            stats=None, # normalisation (mean, std); default: the learner's, else ImageNet's
                            bs:int=64, device=None) -> torch.Tensor:
     "Retrieval features `[len(files), D]` of image files, with the same test transforms as `dls.valid`"
     is_learner = isinstance(learn_or_model, Learner)
-    model = learn_or_model.model if is_learner else learn_or_model
-    dl = _image_dl(list(files), learn_or_model.dls if is_learner else None, size, stats, bs)
-    feats, _, _ = extract_features(model, dl, flip=flip, normalize=normalize, device=device)
-    return feats
+    dls = learn_or_model.dls if is_learner else None   # `ReIDDataLoaders.size`/`.stats`: the one source of the test transforms
+    flip = ifnone(flip, getattr(learn_or_model, 'test_flip', True) if is_learner else False)   # an export without it: flipped, as then
+    return embed_images(learn_or_model.model if is_learner else learn_or_model, list(files),
+                        size or getattr(dls, 'size', None) or (256, 128), stats or getattr(dls, 'stats', None) or imagenet_stats,
+                        flip=flip, normalize=normalize, bs=bs, device=device)

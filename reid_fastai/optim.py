@@ -47,6 +47,7 @@ class ReIDOptimWrapper(OptimWrapper):
         for t, pg in enumerate(self.opt.param_groups): res[self._owner[t]] += pg['params']
         return res
 
+# %% ../nbs/05a_optim.ipynb #daf75cba
 def reid_opt_func(betas=(0.9, 0.999), # Adam's (beta1, beta2)
                   eps:float=1e-8, # Adam's epsilon
                   true_wd:bool=False, # False: L2 weight decay inside Adam (BoT); True: decoupled (AdamW)
@@ -58,4 +59,3 @@ def reid_opt_func(betas=(0.9, 0.999), # Adam's (beta1, beta2)
     if impl != 'torch': raise ValueError(f"impl must be 'torch' or 'fastai', got {impl!r}")
     return partial(ReIDOptimWrapper, opt=torch.optim.AdamW if true_wd else torch.optim.Adam, betas=tuple(betas), eps=eps,
                    wd_bn_bias=wd_bn_bias, fused=fused)
-

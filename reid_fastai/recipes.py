@@ -16,7 +16,8 @@ from .losses import (ReIDLoss, CrossEntropyLabelSmooth, TripletLoss, CenterLoss,
                                 VerificationLoss, AttributeLoss)
 
 # %% auto #0
-__all__ = ['RECIPES', 'Recipe', 'get_recipe', 'list_recipes', 'table2_rows', 'recipe_model', 'recipe_loss', 'recipe_schedule']
+__all__ = ['RECIPES', 'Recipe', 'table2_rows', 'get_recipe', 'list_recipes', 'paper_table', 'recipe_model', 'recipe_loss',
+           'recipe_schedule']
 
 # %% ../nbs/05_recipes.ipynb #24a463f5
 @dataclass
@@ -34,6 +35,7 @@ class Recipe:
     warmup_factor: float = 0.1  # the paper warms up from 3.5e-5 to 3.5e-4 (BoT's code from 3.5e-6: 0.01)
     milestones: tuple = (40, 70)
     gamma: float = 0.1
+    test_flip: bool = False  # flip test-time augmentation in the evaluation (no source paper uses it; see below)
 
     def replace(self, **kwargs) -> Recipe:
         "A copy with some fields changed; dict fields (`model`, `loss`, `data`, `terms`) are merged, not replaced"
@@ -50,36 +52,35 @@ class Recipe:
         d['milestones'] = list(d['milestones'])
         return d
 
-# %% ../nbs/05_recipes.ipynb #5ef9cbde
+# %% ../nbs/05_recipes.ipynb #ed9167bf
 _BOT_MODEL = dict(classifier='linear', last_stride=1, neck=True)
 _NO_TRICKS = dict(classifier='linear', last_stride=2, neck=False)
 # AutoAugment on 10% of the images (fast-reid's re-ID setting); the paper gives no probability, see the text above
 _PAPER_DATA = dict(erase_p=0.5, auto_augment=True, aa_p=0.1)
 _BOT_DATA = dict(erase_p=0.5, erase_style='bot', erase_fill='bot', auto_augment=False)  # BoT's RandomErasing, see `ReIDRandomErasing`
+_PLAIN_DATA = dict(erase_p=0., auto_augment=False)
 
-def _r(name, description, terms, model=_BOT_MODEL, loss=None, data=_PAPER_DATA, **kw):
+def _r(name, description, terms, model=_BOT_MODEL, loss=None, data=_PAPER_DATA, **kw) -> Recipe:
+    "A `Recipe` with its own copies of the shared dicts, and label smoothing 0.1 unless `loss` says otherwise"
     return Recipe(name, description, dict(terms), dict(model), {"label_smooth": 0.1, **(loss or {})}, dict(data), **kw)
 
-_TABLE2 = [  # row, description, data flags, model, label smoothing (cumulative, as Table 2)
-    ('t2_backbone', 'Table 2 "backbone": ID loss, no LS, last stride 2, no BNNeck, no RE/AutoAugment',
-     dict(erase_p=0., auto_augment=False), _NO_TRICKS, 0.),
-    ('t2_re', 'Table 2 "+RE": backbone + random erasing', dict(erase_p=0.5, auto_augment=False), _NO_TRICKS, 0.),
-    ('t2_autoaug', 'Table 2 "+AutoAug": + AutoAugment', _PAPER_DATA, _NO_TRICKS, 0.),
-    ('t2_ls', 'Table 2 "+LS": + label smoothing 0.1', _PAPER_DATA, _NO_TRICKS, 0.1),
-    ('t2_stride1', 'Table 2 "+stride 1": + last stride 1', _PAPER_DATA, dict(_NO_TRICKS, last_stride=1), 0.1),
-    ('t2_bnneck', 'Table 2 "+BN": + BNNeck (= t3_id)', _PAPER_DATA, _BOT_MODEL, 0.1)]
+RECIPES = {}  # name -> `Recipe`, in the order `list_recipes` shows them; the cells below fill it
+def _register(*recipes):
+    for r in recipes: RECIPES[r.name] = r
 
-RECIPES = {r.name: r for r in [
+_register(
     _r('softmax', 'ID loss only: plain softmax cross-entropy (no LS) on the BNNeck classifier', {'id': 1.},
        loss=dict(label_smooth=0.)),
     _r('bot', 'BoT (Luo et al. 2019) as published: ID+LS + triplet 0.3 + centre 0.0005, warmup from 3.5e-6, RE as BoT does it '
-       '(aspect ratio uniform in [0.3, 3.33], 100 tries, the normalisation mean written into the normalised image), no AutoAugment; '
-       'the evaluation adds flip TTA unless flip=False',
-       {'id': 1., 'triplet': 1., 'center': 0.0005}, data=_BOT_DATA, warmup_factor=0.01),
+       '(aspect ratio uniform in [0.3, 3.33], 100 tries, the normalisation mean written into the normalised image), '
+       'no AutoAugment, no flip at test time', {'id': 1., 'triplet': 1., 'center': 0.0005}, data=_BOT_DATA, warmup_factor=0.01),
     _r('paper', 'the paper: class-wise circle with LS (cosine classifier) + batch-hard triplet + centre 0.005, RE + AutoAugment on 10%',
        {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine')),
     _r('paper_aa1', 'the paper with AutoAugment on every image (torchvision\'s default): the other reading of "AutoAugment"',
-       {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine'), data=dict(_PAPER_DATA, aa_p=1.0)),
+       {'circle': 1., 'triplet': 1., 'center': 0.005}, model=dict(_BOT_MODEL, classifier='cosine'), data=dict(_PAPER_DATA, aa_p=1.0)))
+
+# %% ../nbs/05_recipes.ipynb #dcbcbf31
+_register(
     _r('jlml', 'JLML (Li et al. 2017): a global branch and one stream per stripe over the shared stem, an ID loss (LS) per '
        'branch, group LASSO (global) + exclusive group LASSO (local) feature selection, 1024-d concatenated feature',
        {'id': 1., 'local_id': 1.}, model=dict(last_stride=1, shared='stem', n_stripes=4), net='jlml'),
@@ -87,13 +88,23 @@ RECIPES = {r.name: r for r in [
        'of the pooled features, weighted 1:1 as in their code; 1 positive pair per 4 negative ones (pos_weight 0.2) and '
        'dropout 0.9 before the pair classifier; last stride 2, no BNNeck, no LS/RE/AutoAugment',
        {'id': 1., 'verif': 1.}, model=_NO_TRICKS, loss=dict(label_smooth=0., verif_pos_weight=0.2, verif_dropout=0.9),
-       data=dict(erase_p=0., auto_augment=False)),
+       data=_PLAIN_DATA),
     _r('attr', 'ID + attributes (APR, Lin et al. 2019): softmax ID loss + the mean CE of one head per attribute, their '
        'L = 8 L_ID + mean L_att written 1 : 1/8; needs reid_dataloaders(attributes=...); last stride 2, no BNNeck, '
-       'no LS/RE/AutoAugment', {'id': 1., 'attr': 0.125}, model=_NO_TRICKS, loss=dict(label_smooth=0.),
-       data=dict(erase_p=0., auto_augment=False)),
+       'no LS/RE/AutoAugment', {'id': 1., 'attr': 0.125}, model=_NO_TRICKS, loss=dict(label_smooth=0.), data=_PLAIN_DATA),
     _r('camera', 'BoT with camera-aware batch-hard mining (bias k*std(D)/(1+m*t), k=5, m=0.1)',
-       {'id': 1., 'triplet': 1., 'center': 0.0005}, loss=dict(camera_bias=dict(k=5., m=0.1)), data=_BOT_DATA, warmup_factor=0.01),
+       {'id': 1., 'triplet': 1., 'center': 0.0005}, loss=dict(camera_bias=dict(k=5., m=0.1)), data=_BOT_DATA, warmup_factor=0.01))
+
+# %% ../nbs/05_recipes.ipynb #5fc943c2
+_TABLE2 = [  # row, description, data flags, model, label smoothing (cumulative, as Table 2)
+    ('t2_backbone', 'Table 2 "backbone": ID loss, no LS, last stride 2, no BNNeck, no RE/AutoAugment', _PLAIN_DATA, _NO_TRICKS, 0.),
+    ('t2_re', 'Table 2 "+RE": backbone + random erasing', dict(erase_p=0.5, auto_augment=False), _NO_TRICKS, 0.),
+    ('t2_autoaug', 'Table 2 "+AutoAug": + AutoAugment', _PAPER_DATA, _NO_TRICKS, 0.),
+    ('t2_ls', 'Table 2 "+LS": + label smoothing 0.1', _PAPER_DATA, _NO_TRICKS, 0.1),
+    ('t2_stride1', 'Table 2 "+stride 1": + last stride 1', _PAPER_DATA, dict(_NO_TRICKS, last_stride=1), 0.1),
+    ('t2_bnneck', 'Table 2 "+BN": + BNNeck (= t3_id)', _PAPER_DATA, _BOT_MODEL, 0.1)]
+
+_register(
     *[_r(n, d, {'id': 1.}, model=m, loss=dict(label_smooth=ls), data=dt) for n, d, dt, m, ls in _TABLE2],
     _r('t3_id', 'Table 3: ID loss (all Table 2 tricks)', {'id': 1.}),
     _r('t3_id_center', 'Table 3: ID + centre', {'id': 1., 'center': 0.005}),
@@ -101,9 +112,13 @@ RECIPES = {r.name: r for r in [
     _r('t3_id_triplet_center', 'Table 3: ID + triplet + centre', {'id': 1., 'triplet': 1., 'center': 0.005}),
     *[_r(f"t4_{'_'.join(t)}", f"Table 4: {' + '.join(t)} (cosine classifier)",
          {k: (0.005 if k == 'center' else 1.) for k in t}, model=dict(_BOT_MODEL, classifier='cosine'))
-      for t in [('circle',), ('circle', 'center'), ('circle', 'triplet'), ('circle', 'triplet', 'center')]],
-]}
+      for t in [('circle',), ('circle', 'center'), ('circle', 'triplet'), ('circle', 'triplet', 'center')]])
 
+def table2_rows() -> dict:
+    "Table 2's rows: name -> (`reid_dataloaders` kwargs, `reid_learner` kwargs)"
+    return {n: (dict(RECIPES[n].data), dict(recipe=n)) for n, *_ in _TABLE2}
+
+# %% ../nbs/05_recipes.ipynb #87eca4cd
 def get_recipe(recipe='paper', **overrides) -> Recipe:
     "A copy of the recipe named `recipe` (or of a `Recipe`), with `overrides` applied by `Recipe.replace`"
     if isinstance(recipe, str):
@@ -116,19 +131,46 @@ def get_recipe(recipe='paper', **overrides) -> Recipe:
     return r.replace(**overrides)
 
 def list_recipes() -> pd.DataFrame:
-    "The registered recipes: loss terms, classifier, last stride, neck, label smoothing, random erasing and AutoAugment probabilities, warmup"
+    "The registered recipes: loss terms, classifier, last stride, neck, label smoothing, random erasing and AutoAugment probabilities, warmup, test-time flip"
     rows = [dict(recipe=r.name, terms=' + '.join(f"{w:g}*{t}" if w != 1 else t for t, w in r.terms.items()),
                  classifier=r.model.get('classifier', 'linear'), last_stride=r.model.get('last_stride', 1),
                  neck=r.model.get('neck', True),
                  LS=r.loss.get('label_smooth', 0.1) if {'id', 'circle'} & set(r.terms) else None,
                  RE=r.data.get('erase_p', 0.5), AA=r.data.get('aa_p', 1.0) if r.data.get('auto_augment', True) else 0.,
-                 warmup=f"{r.warmup_factor:g}x, {r.warmup_epochs} ep", description=r.description)
+                 warmup=f"{r.warmup_factor:g}x, {r.warmup_epochs} ep", test_flip=r.test_flip, description=r.description)
             for r in RECIPES.values()]
     return pd.DataFrame(rows).set_index('recipe')
 
-def table2_rows() -> dict:
-    "Table 2's rows: name -> (`reid_dataloaders` kwargs, `reid_learner` kwargs)"
-    return {n: (dict(RECIPES[n].data), dict(recipe=n)) for n, *_ in _TABLE2}
+# %% ../nbs/05_recipes.ipynb #857e572f
+_PAPER_ROWS = [
+    # table, row, recipe, p, k, rerank, market R1, market mAP, duke R1, duke mAP
+    (2, 'backbone', 't2_backbone', 16, 4, False, 83.4, 69.6, 78.3, 61.2),
+    (2, '+RE', 't2_re', 16, 4, False, 86.7, 71.9, None, None),
+    (2, '+AutoAug', 't2_autoaug', 16, 4, False, 87.3, 72.3, None, None),
+    (2, '+LS', 't2_ls', 16, 4, False, 87.5, 72.6, None, None),
+    (2, '+stride 1', 't2_stride1', 16, 4, False, 88.3, 73.5, None, None),
+    (2, '+BN', 't2_bnneck', 16, 4, False, 90.1, 76.2, 85.1, 74.0),
+    (3, 'L_id', 't3_id', 16, 4, False, 90.1, 76.2, 85.1, 74.0),
+    (3, 'L_id+center', 't3_id_center', 16, 4, False, 90.5, 79.5, 85.8, 75.2),
+    (3, 'L_id+triplet', 't3_id_triplet', 16, 4, False, 91.3, 81.2, 86.3, 76.1),
+    (3, 'L_id+triplet+center', 't3_id_triplet_center', 16, 4, False, 93.3, 84.0, 88.3, 77.9),
+    (4, 'circle', 't4_circle', 16, 4, False, 90.8, 77.1, 86.0, 75.1),
+    (4, 'circle+center', 't4_circle_center', 16, 4, False, 92.2, 81.7, 87.4, 76.5),
+    (4, 'circle+triplet', 't4_circle_triplet', 16, 4, False, 92.6, 82.7, 87.6, 76.6),
+    (4, 'circle+triplet+center', 't4_circle_triplet_center', 16, 4, False, 95.2, 86.1, 89.6, 79.8),
+    (5, 'ours', 'paper', 16, 4, False, 95.2, 86.1, 89.6, 79.8),
+    (5, 'ours+re-rank', 'paper', 16, 4, True, 95.7, 90.5, 91.6, 81.6),
+    *[(6, row, 'paper', p, k, True, r1, mAP, None, None) for row, p, k, r1, mAP in [   # labels K x P, see above
+        ('4x6', 6, 4, 93.8, 87.9), ('4x8', 8, 4, 94.5, 88.3), ('6x8', 8, 6, 94.8, 89.1), ('8x8', 8, 8, 95.2, 89.6),
+        ('4x16', 16, 4, 95.7, 90.5), ('6x16', 16, 6, 95.3, 90.2), ('8x16', 16, 8, 95.5, 90.4)]],
+    (7, 'AutoAugment on 10%', 'paper', 16, 4, False, None, None, None, None),   # ours: no paper figures
+    (7, 'AutoAugment on all', 'paper_aa1', 16, 4, False, None, None, None, None)]
+
+def paper_table(tables=None) -> pd.DataFrame:
+    "The paper's rows of `tables` (default all: 2-6, and 7, ours) with the recipe, batch shape and re-ranking that reproduce each, and its R1/mAP in %"
+    cols = ['table', 'row', 'recipe', 'p', 'k', 'rerank', 'paper_R1', 'paper_mAP', 'paper_duke_R1', 'paper_duke_mAP']
+    df = pd.DataFrame(_PAPER_ROWS, columns=cols)
+    return df if tables is None else df[df.table.isin(list(tables))].reset_index(drop=True)
 
 # %% ../nbs/05_recipes.ipynb #34963751
 def recipe_model(recipe, n_classes:int, arch:str='resnet50', pretrained=False, **model_kwargs) -> nn.Module:
