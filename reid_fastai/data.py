@@ -213,17 +213,21 @@ def _check_cells(df:pd.DataFrame, csv_path, columns) -> None:
                              f"{', '.join(map(str, lines[:10]))}{' ...' if len(lines) > 10 else ''}: give every image its {_CELL[c]}")
 
 # %% ../nbs/00_data.ipynb #82b8c989
-def csv_df(csv_path) -> pd.DataFrame:
-    "A re-ID table from a CSV with columns path,pid,camid,split (relative paths are relative to the CSV's folder)"
+def csv_df(csv_path, camid_from=None) -> pd.DataFrame:
+    "A re-ID table from a CSV with columns path,pid,camid,split (relative paths are relative to the CSV's folder); or without camid, cameras by `camid_from` from the file names"
     csv_path = Path(csv_path).expanduser()
     if not csv_path.is_file(): raise FileNotFoundError(f"CSV file {str(csv_path)!r} does not exist")
     # only empty cells are missing: a person called 'NA' stays 'NA'
     df = pd.read_csv(csv_path, skipinitialspace=True, keep_default_na=False, na_values=[''])
     df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in _TABLE_COLUMNS if c not in df.columns]
-    if missing: raise ValueError(f"{csv_path} lacks column(s) {missing}: its header has {list(df.columns)}; "
-                                 f"name the columns path,pid,camid,split (in any order)")
-    _check_cells(df, csv_path, _TABLE_COLUMNS)
+    missing = [c for c in _TABLE_COLUMNS if c not in df.columns and (c != 'camid' or camid_from is None)]
+    if missing: raise ValueError(f"{csv_path} lacks column(s) {missing}: its header has {list(df.columns)}; name the columns "
+                                 f"path,pid,camid,split (in any order)" + ("; or read the cameras from the file names: "
+                                 "--camid-from REGEX (Python: camid_from=)" if missing == ['camid'] else ''))
+    if camid_from is not None and 'camid' in df.columns:
+        raise ValueError(f"{csv_path} has a camid column, and camid_from (--camid-from) gives the cameras too: use one of them")
+    _check_cells(df, csv_path, [c for c in _TABLE_COLUMNS if c in df.columns])
+    if camid_from is not None: df['camid'] = [_cam_from_name(camid_from, Path(p).name) for p in df['path'].astype(str)]
     df['pid'], pid_names = _labels(df['pid'], 1)
     df['camid'], cam_names = _labels(df['camid'], 0)
     base = csv_path.resolve().parent
@@ -237,10 +241,14 @@ def csv_df(csv_path) -> pd.DataFrame:
 
 # %% ../nbs/00_data.ipynb #1450fd69
 def _cam_from_name(camid_from, name:str):
+    "The camera of file `name`: `camid_from(name)`, or a regular expression's group `cam` (else its first group), or the X of its group `cam_X` that matched"
     if callable(camid_from): return camid_from(name)
     m = re.search(camid_from, name)
     if m is None: raise ValueError(f"camera pattern {camid_from!r} does not match file name {name!r}")
-    v = m.groupdict().get('cam') or m.group(1 if m.groups() else 0)
+    named = [k[4:] for k, v in m.groupdict().items() if k.startswith('cam_') and v is not None]   # cameras named by a rule
+    if len(named) > 1: raise ValueError(f"camera pattern {camid_from!r} matches file name {name!r} with {len(named)} of its "
+                                        f"cam_ groups ({', '.join(named)}): make them alternatives, (?P<cam_A>...)|(?P<cam_B>...)")
+    v = named[0] if named else m.groupdict().get('cam') or m.group(1 if m.groups() else 0)
     return int(v) if str(v).lstrip('-').isdigit() else v
 
 def _cams_from_csv(cams_csv:Path, root:Path, paths:list) -> list:
@@ -325,7 +333,7 @@ def _detect_folders(root:Path, **kwargs):
     return None
 
 def _detect(root:Path, **kwargs):
-    if root.is_file(): return csv_df(root) if root.suffix.lower() == '.csv' else None
+    if root.is_file(): return csv_df(root, **kwargs) if root.suffix.lower() == '.csv' else None
     res = _detect_folders(root, **kwargs)
     tables, _ = _table_csvs(root)
     if res is not None:
@@ -334,7 +342,7 @@ def _detect(root:Path, **kwargs):
         return res
     if len(tables) > 1: raise ValueError(f"{root} holds {len(tables)} CSVs with columns path,pid,camid,split "
                                          f"({', '.join(p.name for p in tables)}): pass the one to use, e.g. {tables[0]}")
-    return csv_df(tables[0]) if tables else None
+    return csv_df(tables[0], **kwargs) if tables else None
 
 # %% ../nbs/00_data.ipynb #7b600ba0
 def reid_df(root, **kwargs) -> pd.DataFrame:

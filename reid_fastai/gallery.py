@@ -85,13 +85,13 @@ def from_features(cls:GalleryIndex, features, # [N, D] features (tensor or array
 @patch(cls_method=True)
 def build(cls:GalleryIndex, model, # a `ReIDModel` or what `load_reid_model` loads
           files_or_df, # a folder, image files, or a table with path (pid, camid)
-          flip:bool=True, # average with the mirrored images' features
+          flip:bool|None=None, # average with the mirrored images' features (default: the model's `test_flip`)
           normalized:bool=True, # store L2-normalised features (then euclidean and cosine rank alike)
           bs:int=128, num_workers:int=0, device=None,
           block:int=16384) -> GalleryIndex: # images embedded per block
     "Embed a gallery once into an index (block by block: memory for the features and one block of images)"
     m = load_reid_model(model, device=device)
-    items, feats = items_table(files_or_df), None
+    items, feats, flip = items_table(files_or_df), None, m.test_flip if flip is None else bool(flip)
     for s in range(0, len(items), block):
         f = m.features(items.iloc[s:s+block], flip=flip, normalize=normalized, bs=bs, num_workers=num_workers).float().cpu().numpy()
         if feats is None: feats = np.empty((len(items), f.shape[1]), dtype=np.float32)

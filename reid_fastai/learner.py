@@ -30,11 +30,13 @@ __all__ = ['ReIDLearner', 'reid_learner', 'plot_training', 'extract_image_featur
 # %% ../nbs/05b_learner.ipynb #334fa360
 def _recipe_callbacks(r, # the `Recipe`
                       device, eval_every, flip, rerank, ap_mode, center_lr, channels_last,
-                      with_attrs:bool=False # the model has attribute heads and the data attributes: report their accuracy
+                      with_attrs:bool=False, # the model has attribute heads and the data attributes: report their accuracy
+                      cross_camera:bool=True, # the evaluation's camera rule (`ReIDEvalCallback`)
                      ) -> list:
     "The callbacks recipe `r` trains with (see the list above)"
     metrics = ('R1', 'R5', 'R10', 'mAP', 'mINP') + (('attr_acc',) if with_attrs else ())
-    cbs = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode, metrics=metrics), LossTermsRecorder(),
+    cbs = [ReIDEvalCallback(every=eval_every, flip=flip, rerank=rerank, ap_mode=ap_mode, metrics=metrics,
+                            cross_camera=cross_camera), LossTermsRecorder(),
            NaNStop(), LeanLogging()]
     if 'center' in r.terms: cbs.append(CenterLossOptimizer(lr=center_lr))
     if r.loss.get('camera_bias'): cbs.append(CameraBiasSchedule())
@@ -128,6 +130,7 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
                  flip:bool|None=None, # flip test-time augmentation in the evaluation (default: the recipe's `test_flip`)
                  rerank:bool=False, # k-reciprocal re-ranking in the evaluation
                  ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
+                 cross_camera:bool=True, # the Market-1501 rule in the evaluation; False: same-camera matches count (one camera)
                  channels_last:bool|None=None, # channels-last memory format (default: on CUDA)
                  compile:bool=False, # `torch.compile` the model (in place, state-dict keys unchanged)
                  path='.', # folder of exports and checkpoints
@@ -145,32 +148,35 @@ def reid_learner(dls, # `ReIDDataLoaders` (`reid_fastai.loaders.reid_dataloaders
     model = recipe_model(r, dls.n_classes, arch=arch, pretrained=pretrained, **model_kwargs)
     loss = recipe_loss(r, dls.n_classes, model.feat_dim)
     with_attrs = getattr(model, 'attr_heads', None) is not None and getattr(dls, 'attributes', None) is not None
-    cb_list = _recipe_callbacks(r, device, eval_every, flip, rerank, ap_mode, center_lr, channels_last, with_attrs)
+    cb_list = _recipe_callbacks(r, device, eval_every, None, rerank, ap_mode, center_lr, channels_last, with_attrs, cross_camera)
     if compile: model.compile()
     learn = ReIDLearner(dls, model, loss_func=loss, opt_func=reid_opt_func(betas, eps, true_wd, wd_bn_bias, optimizer), lr=lr, wd=wd,
                     wd_bn_bias=wd_bn_bias, splitter=partial(reid_splitter, loss=loss), cbs=cb_list + L(cbs), path=path, **kwargs)
     learn.recipe, learn.arch = r, arch
-    learn.test_flip = flip   # the test-time augmentation the evaluation uses: results record it
+    learn.test_flip = flip   # the evaluation's test-time augmentation (`ReIDEvalCallback` follows it): results record it
     if prec == 'bf16': learn.to_bf16()
     elif prec == 'fp16': learn.to_fp16()
     return learn
 
 # %% ../nbs/05b_learner.ipynb #239d4dc0
 def plot_training(learn, fname=None, title:str|None=None):
-    "Per-term loss curves and R1/mAP over epochs side by side; saved to `fname` if given"
+    "Per-term loss curves and R1/mAP over epochs side by side, whole-number ticks, each legend beside its axes; saved to `fname` if given"
     import matplotlib.pyplot as plt
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
+    from matplotlib.ticker import MaxNLocator
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 3.6), layout='constrained')   # constrained: room for the legends outside
     if getattr(learn, 'loss_terms_recorder', None) and learn.loss_terms_recorder.batches:
         plot_loss_terms(learn, ax=ax0, log=True)
     ax0.set_title('loss terms (unweighted)')
     hist = getattr(learn, 'reid_history', [])
-    if hist:
+    if hist:   # epoch 0: the evaluation before training (`reid_train(epochs=0)`)
         ep = [h['epoch'] + 1 for h in hist]
         for k in ('R1', 'mAP'): ax1.plot(ep, [h[k] for h in hist], 'o-', label=k)
-        ax1.set_ylim(0, 1); ax1.legend()
+        ax1.set_ylim(0, 1)
     ax1.set_xlabel('epoch'); ax1.set_title('test retrieval')
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # iterations and epochs are whole numbers
+        if ax.get_legend_handles_labels()[0]: ax.legend(loc='center left', bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     if title: fig.suptitle(title)
-    fig.tight_layout()
     if fname is not None: fig.savefig(fname, dpi=100)
     return fig
 

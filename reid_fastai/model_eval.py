@@ -122,7 +122,7 @@ def _summary_line(res:dict, name:str, out=None) -> str:
 def evaluate_model(model, # a `ReIDModel`, or what `load_reid_model` loads: export.pkl, a checkpoint, a reid_train output folder
                    data=None, # a dataset folder, a CSV or a table: its query and gallery rows (`query_gallery_df`)
                    query=None, gallery=None, # or a query folder and a gallery folder
-                   flip:bool=True, # average with the mirrored image's features (as `reid_train`'s evaluation)
+                   flip:bool|None=None, # average with the mirrored image's features (default: the model's `test_flip`, as its training's evaluation)
                    rerank:bool=False, # k-reciprocal re-ranking
                    metric:str='euclidean', # 'euclidean' or 'cosine'
                    ap_mode:str='match', # 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)
@@ -148,11 +148,12 @@ def evaluate_model(model, # a `ReIDModel`, or what `load_reid_model` loads: expo
     if note and verbose: print(note)
     if not cross_camera and verbose: print("note: same-camera matches count (cross_camera=False, --same-camera-ok): these scores are "
                                            "not comparable with the Market-1501 protocol's")
+    flip = m.test_flip if flip is None else bool(flip)
     feats = m.features(df, flip=flip, normalize=normalize, bs=bs, num_workers=num_workers)
     n_q = int((df['split'] == 'query').sum())
     q_df, g_df = df.iloc[:n_q].reset_index(drop=True), df.iloc[n_q:].reset_index(drop=True)
     r = evaluate_features(feats[:n_q], feats[n_q:], q_df, g_df, metric, rerank, ap_mode, cross_camera=cross_camera)
-    res = _eval_record(m, r, df, q_df, g_df, data, query, gallery, t0, note, flip=flip, normalize=normalize, rerank=rerank,
+    res = _eval_record(m, r, df, q_df, g_df, data, query, gallery, t0, note, test_flip=flip, normalize=normalize, rerank=rerank,
                        metric=metric, ap_mode=ap_mode, cross_camera=cross_camera, bs=bs)
     if out is not None: _write_eval(out, res, r, q_df, g_df, n_show, m.name, cross_camera)
     if verbose: print(_summary_line(res, m.name, out))
@@ -163,7 +164,7 @@ def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train ou
               data:str=None, # a dataset folder (any layout reid_df knows, or query/ + bounding_box_test/ alone) or a CSV
               query:str=None, # a folder of query images (with --gallery, instead of --data)
               gallery:str=None, # a folder of gallery images
-              flip:bool=True, # flip test-time augmentation: average each image's features with its mirror's
+              flip:bool=None, # flip test-time augmentation, averaging each image's features with its mirror's (default: the model's `test_flip`)
               rerank:bool=False, # k-reciprocal re-ranking
               metric:str='euclidean', # 'euclidean' or 'cosine'
               ap:str='match', # AP definition: 'match' (torchreid, fast-reid) or 'devkit' (Market-1501's official code)

@@ -64,6 +64,7 @@ class ReIDModel:
     learner: Learner|None = None  # the fastai `Learner` when it came from an export.pkl
     recipe: Recipe|None = None  # the training recipe, when known
     train_size: tuple|None = None  # (height, width) it was trained at (None: unknown, e.g. a bare `nn.Module`)
+    test_flip: bool = False  # flip test-time augmentation, as its training's evaluation (`features` and all built on it follow it)
 
     @property
     def name(self) -> str: return model_name(self.identity)
@@ -84,9 +85,11 @@ class ReIDModel:
         "The normalised float batch `[N, 3, H, W]` the model sees for image `files` (e.g. an ONNX input)"
         return torch.cat([b[0].as_subclass(torch.Tensor) for b in self.dl(list(files))])
 
-    def features(self, df_or_files, flip:bool=True, normalize:bool=True, bs:int=128, num_workers:int=0) -> torch.Tensor:
+    def features(self, df_or_files, flip:bool|None=None, # average with the mirrored images' features (default: `test_flip`)
+                 normalize:bool=True, bs:int=128, num_workers:int=0) -> torch.Tensor:
         "Retrieval features `[N, D]` (float32, on the model's device) of a table or a list of image files (`embed_images`)"
-        return embed_images(self.model, df_or_files, self.size, self.stats, flip, normalize, bs, num_workers)
+        return embed_images(self.model, df_or_files, self.size, self.stats, self.test_flip if flip is None else flip, normalize, bs,
+                            num_workers)
 
 # %% ../nbs/08_model_io.ipynb #8859fb0f
 MAX_ASPECT_CHANGE = 1.5   # a test size whose height/width is off the training one by more than this factor is refused
@@ -134,7 +137,7 @@ def _model_info(model) -> dict:
     m = get_model(model)
     return dict(arch=getattr(m, 'arch', None), n_classes=getattr(m, 'n_classes', None), feat_dim=getattr(m, 'feat_dim', None))
 
-def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None, train_size=None) -> ReIDModel:
+def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None, train_size=None, test_flip:bool=False) -> ReIDModel:
     "A `ReIDModel` of `model` (put in eval mode); `recipe` a `Recipe` or a name"
     model.eval()
     info = _model_info(model)
@@ -144,7 +147,7 @@ def _wrap(model, size, stats, source, arch=None, recipe=None, learner=None, trai
     identity = dict(sha1=weights_sha1(model), arch=arch or info['arch'], recipe=name, n_classes=info['n_classes'],
                     feat_dim=info['feat_dim'], size=list(size), stats=[stats[0], stats[1]], source=str(source))
     return ReIDModel(model, size, stats, identity, learner, recipe if isinstance(recipe, Recipe) else None,
-                     tuple(int(s) for s in train_size) if train_size else None)
+                     tuple(int(s) for s in train_size) if train_size else None, bool(test_flip))
 
 def _learner_size_stats(learn):
     "Test size and normalisation of a learner: its `ReIDDataLoaders` keep them (`dls.size`, `dls.stats`), exported too"
@@ -154,7 +157,25 @@ def _from_learner(learn, source) -> ReIDModel:
     "A `ReIDModel` of a `Learner`, at the size and with the normalisation it was trained with"
     s, st = _learner_size_stats(learn)
     return _wrap(learn.model, s or (256, 128), st or pretrained_stats('', 'none'), source, getattr(learn, 'arch', None),
-                 getattr(learn, 'recipe', None), learn, train_size=s)
+                 getattr(learn, 'recipe', None), learn, train_size=s, test_flip=_learner_test_flip(learn))
+
+# %% ../nbs/08_model_io.ipynb #0c340aef
+def _own_field(obj, name:str):
+    "A field `obj` holds itself, else None: an object unpickled from an older version lacks the fields added since"
+    return getattr(obj, '__dict__', {}).get(name)
+
+def _learner_test_flip(learn) -> bool:
+    "The flip TTA `learn` evaluates with: its `test_flip`, else its recipe's, else True (an export older than both was flipped)"
+    own = _own_field(learn, 'test_flip')
+    if own is None: own = _own_field(getattr(learn, 'recipe', None), 'test_flip')
+    return True if own is None else bool(own)
+
+def _run_test_flip(info:dict, recipe) -> bool:
+    "The flip TTA of a checkpoint's run (`_run_info`): its `test_flip`, else its recipe's, else True (older); no results.json: `recipe`'s"
+    if info.get('test_flip') is not None: return bool(info['test_flip'])
+    d = info.get('recipe_dict')
+    if isinstance(d, dict) and d.get('test_flip') is not None: return bool(d['test_flip'])
+    return True if info else bool(getattr(recipe, 'test_flip', False))
 
 # %% ../nbs/08_model_io.ipynb #31d9ea05
 def _classifier_classes(sd:dict):
@@ -225,7 +246,7 @@ def _from_checkpoint(file:Path, st:dict, arch, recipe, size, n_classes, stats, p
     pretrained = pretrained or info.get('pretrained') or 'imagenet'
     stats = stats or pretrained_stats(arch, pretrained)
     model.weights = info.get('init_weights') or f"unknown (checkpoint {file.name} without its results.json)"
-    return _wrap(model, size, stats, file, arch, r)
+    return _wrap(model, size, stats, file, arch, r, test_flip=_run_test_flip(info, r))
 
 def _read_model_file(file:Path):
     "('checkpoint', dict) or ('learner', Learner) or ('module', nn.Module): what is in `file`"

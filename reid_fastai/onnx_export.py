@@ -49,12 +49,13 @@ def export_onnx(model, # a `ReIDModel`, or what `load_reid_model` loads (export.
                 size=None, # (height, width) of the input, fixed (default: the training size)
                 opset:int=17, # ONNX opset
                 dynamic_batch:bool=True, # any batch size (else fixed at 1)
-                flip:bool=False, # average with the mirrored image's features inside the graph
+                flip:bool|None=None, # average with the mirrored image's features inside the graph (default: the model's `test_flip`)
                 normalize:bool=False, # L2-normalise the features inside the graph
                ) -> Path:
     "Export the retrieval model to ONNX: input 'images' (normalised float32 [B, 3, H, W]), output 'features' [B, D]"
     m = load_reid_model(model)
     if size is not None: m = m.at_size(size)
+    flip = m.test_flip if flip is None else bool(flip)
     net = RetrievalModule(_cpu_module(m), flip, normalize).eval()
     file = Path(file).expanduser()
     file.parent.mkdir(parents=True, exist_ok=True)

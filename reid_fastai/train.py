@@ -5,9 +5,9 @@
 # %% ../nbs/05c_train.ipynb #62ca4e7a
 from __future__ import annotations
 import warnings
-import json, math, os, sys, time
+import difflib, json, math, os, sys, time
 from pathlib import Path
-import torch
+import torch, timm
 from fastcore.basics import ifnone, noop
 from fastcore.foundation import L
 from fastai.callback.core import Callback
@@ -16,18 +16,21 @@ from fastai.torch_core import set_seed, rank_distrib, num_distrib
 
 from . import data as reid_data
 from . import demo as reid_demo
+from .data import ReIDInputError
 from .images import torch_threads
 from .models import pretrained_stats
 from .callbacks import TimeBudget
 from .checkpoint import ReIDCheckpoint, ResumableCSVLogger, TrainingInterrupted, resume_from, latest_checkpoint
 from .distributed import setup_distributed, distributed_context
+from .evaluation import check_query_gallery, metrics_line
 from .loaders import reid_dataloaders
 from .recipes import get_recipe
 from .learner import reid_learner, plot_training
 from .provenance import git_commit, device_name
 
 # %% auto #0
-__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'demo_preset', 'TrainTimer', 'EpochLines', 'reid_train']
+__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'demo_preset', 'TrainTimer', 'EpochLines', 'check_arch',
+           'reid_train']
 
 # %% ../nbs/05c_train.ipynb #193dd397
 # ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured R1 0.34-0.38 / mAP 0.24-0.28 on the
@@ -36,6 +39,8 @@ __all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'demo_preset', 'TrainTimer', 'E
 DEMO_PRESET = dict(arch='tf_efficientnet_lite0', pretrained='lite0', size=(64, 32), p=8, k=4, epochs=6, eval_every=3,
                    lr=1e-3, dl_kwargs=dict(auto_augment=False, pad=2))
 DEMO_PRESET_SCRATCH = dict(DEMO_PRESET, arch='mobilenetv3_small_100', pretrained='none', epochs=15, eval_every=5)
+# real data: the paper's settings (the epochs are the recipe's)
+DATA_PRESET = dict(arch='resnet50', pretrained='imagenet', size=(256, 128), p=16, k=4, eval_every=10, lr=3.5e-4, dl_kwargs={})
 
 def demo_preset() -> dict:
     "The CPU preset of `reid_train` without `--data`: `DEMO_PRESET` if the Lite0 ImageNet weights are available"
@@ -51,6 +56,7 @@ def demo_preset() -> dict:
 class TrainTimer(Callback):
     "Wall time of the training phases only (data loading included, evaluation excluded) and images seen"
     order = 100
+    def __init__(self): self.seconds, self.images = 0., 0
     def before_fit(self): self.seconds, self.images = 0., 0
     def before_train(self): self._sync(); self._t0 = time.perf_counter()
     def after_batch(self):
@@ -58,7 +64,6 @@ class TrainTimer(Callback):
     def after_train(self): self._sync(); self.seconds += time.perf_counter() - self._t0
     def _sync(self):
         if torch.cuda.is_available(): torch.cuda.synchronize()
-
 
 # %% ../nbs/05c_train.ipynb #bcb8285c
 class EpochLines:
@@ -78,10 +83,151 @@ class EpochLines:
 
 def _say(msg): print(f"reid_train: {msg}", flush=True)
 
+# %% ../nbs/05c_train.ipynb #266b0fee
+def check_arch(arch:str) -> str:
+    "`arch` if timm knows it (a model name, or name.tag); else one line naming it and timm's closest names"
+    if isinstance(arch, str) and timm.is_model(arch): return arch
+    close = difflib.get_close_matches(str(arch), timm.list_models(), n=3)
+    raise ReIDInputError(f"arch {arch!r} is not a timm model" + (f" (did you mean {' or '.join(close)}?)" if close else '')
+                         + ": give a timm model name (--arch; timm.list_models() lists them)")
+
+def _train_options(r, # the `Recipe`
+                   demo:bool, # no data given: the demo preset's defaults
+                   user:dict, # the options given (None: not given)
+                  ) -> tuple:
+    "(options, defaults used): `user`'s where given, else the demo preset's or `DATA_PRESET`'s; checked before any work"
+    defaults = demo_preset() if demo else dict(DATA_PRESET, epochs=r.n_epoch)
+    cfg = {**defaults, **{k: v for k, v in user.items() if v is not None}}
+    check_arch(cfg['arch'])
+    if int(cfg['epochs']) < 0: raise ReIDInputError(f"epochs must be 0 or more, got {cfg['epochs']} (0 evaluates the model as it starts)")
+    chosen = {k: v for k, v in cfg.items() if user.get(k) is None and k != 'dl_kwargs'}
+    if user.get('dl_kwargs') is None: chosen.update(defaults['dl_kwargs'])   # the preset's data flags are defaults too
+    return cfg, chosen
+
+def _data_flags(r, dl_kwargs:dict, aa_p=None, erase_p=None, pad=None) -> dict:
+    "The training data's flags: the recipe's, then `dl_kwargs`, then the options given; `aa_p` above 0 turns AutoAugment on, 0 off"
+    aug = {k: v for k, v in dict(aa_p=aa_p, erase_p=erase_p, pad=pad).items() if v is not None}
+    if aa_p is not None: aug['auto_augment'] = aa_p > 0
+    return {**r.data, **(dl_kwargs or {}), **aug}
+
+# %% ../nbs/05c_train.ipynb #10952747
+def _defaults_line(r, chosen:dict, flags:dict) -> str:
+    "The start-up line naming the recipe and every default used, a data flag the recipe sets otherwise with the recipe's value"
+    def show(k, v):
+        if k not in flags: return f"{k}={v}"
+        if flags[k] != v: return None   # a default that an option (aa_p, pad) replaced
+        return f"{k}={v}" + (f" (recipe {r.name!r}: {r.data[k]})" if k in r.data and r.data[k] != v else '')
+    used = [s for s in (show(k, v) for k, v in chosen.items()) if s]
+    return f"recipe {r.name!r}" + (f"; defaults used: {', '.join(used)}" if used else '') + ' (set any of them to override; --help lists the options)'
+
+def _augment_note(r, dl_kwargs:dict, flags:dict) -> str|None:
+    "A line when `aa_p` turned on the AutoAugment that the recipe (or the preset) leaves off"
+    was = {**r.data, **(dl_kwargs or {})}.get('auto_augment', False)
+    if was or not flags.get('auto_augment'): return None
+    return (f"AutoAugment on {flags['aa_p']:.0%} of the training images (aa_p={flags['aa_p']:g}); recipe {r.name!r}"
+            f"{' with these defaults' if r.data.get('auto_augment') else ''} leaves it off")
+
+# %% ../nbs/05c_train.ipynb #93840266
+def _train_table(data, # a dataset folder or CSV; None: the demo dataset (written once)
+                 camid_from=None, # a rule that reads the camera from file names (`reid_df`)
+                 cross_camera:bool=True, # the Market-1501 rule; False: same-camera matches count (`same_camera_ok`)
+                ) -> tuple:
+    "(data, table): the re-ID table of `data`, its test set checked before any training (`check_query_gallery`)"
+    if data is None: data = rank0_first(reid_demo.make_demo_dataset)
+    df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
+    try: check_query_gallery(df, cross_camera=cross_camera)
+    except ReIDInputError as e:   # its way out names reid_eval's option: here it is reid_train's
+        raise ReIDInputError(str(e).replace('reid_eval --same-camera-ok; Python: cross_camera=False',
+                                            'reid_train --same-camera-ok; Python: same_camera_ok=True')) from None
+    return data, df
+
+# %% ../nbs/05c_train.ipynb #2c2ae15a
+def _train_learner(df, r, cfg:dict, dev, resume:bool=False, main:bool=True, cbs=None):
+    "(learner, start epoch): the data loaders and `reid_learner` of `cfg`, resumed from the newest checkpoint with `resume`"
+    stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
+    # rank 0 builds the decoded-image cache, the others then read it
+    dls = rank0_first(reid_dataloaders, df, p=cfg["p"], k=cfg["k"], size=tuple(cfg["size"]), num_workers=cfg['workers'], seed=cfg['seed'],
+                      device=dev, pipeline=cfg['pipeline'], stats=stats, bad_images='skip' if cfg['skip_bad_images'] else 'error',
+                      **cfg['dl_flags'])
+    mp = None if str(cfg['mixed_precision']).lower() == 'none' else cfg['mixed_precision']
+    out = Path(cfg['out'])
+    learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp, eval_every=cfg['eval_every'],
+                         rerank=cfg['rerank'], ap_mode=cfg['ap_mode'], cross_camera=cfg['cross_camera'], compile=cfg['compile'],
+                         threads=cfg['threads'], path=out, cbs=cbs)
+    out.mkdir(parents=True, exist_ok=True)   # only now: the data, the options and the weights are all good
+    if not resume: return learn, 0
+    ck = latest_checkpoint(out/'checkpoints')
+    if ck is None:
+        if main: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
+        return learn, 0
+    start, it = resume_from(learn, ck), learn.resume_state.start_iter
+    if main: _say(f"resuming from {ck.name}, epoch {start}" + (f", batch {it}" if it else ''))
+    return learn, start
+
+# %% ../nbs/05c_train.ipynb #7915d403
+def _evaluate_untrained(learn) -> None:
+    "`epochs=0`: one evaluation of the model as it starts (its initial weights' features), as epoch -1 of `learn.reid_history`"
+    ev = learn.re_id_eval
+    ev.history = [{'epoch': -1, **{k: float(v) for k, v in ev.evaluate().items()}}]
+    learn.reid_history = ev.history
+
+def _fit(learn, epochs:int, lr:float, start:int=0, cbs=None, quiet:bool=False, progress:bool|None=None):
+    "Train `epochs` with the recipe's schedule (`fit_recipe`), one line per epoch or fastai's bar; 0 epochs: `_evaluate_untrained`"
+    if epochs == 0: return _evaluate_untrained(learn)
+    bar = ifnone(progress, sys.stdout.isatty()) and not quiet
+    with (learn.added_cbs([]) if bar else learn.no_bar()), distributed_context(learn):   # a no-op in one process
+        if not bar: learn.logger = noop if quiet else EpochLines(learn)
+        # the CSV logger only for the fit: it holds an open file, which `export` could not pickle
+        try: learn.fit_recipe(epochs, lr=lr, start_epoch=start, cbs=[ResumableCSVLogger('history.csv')] + L(cbs))
+        finally: learn.logger = print
+    if getattr(learn, 'interrupted', None):   # SIGINT/SIGTERM: the state is saved; no results for an unfinished run
+        raise TrainingInterrupted(learn.interrupted, 'the same command with --resume (in Python: resume=True) continues from it')
+
+# %% ../nbs/05c_train.ipynb #ecb976cd
+def _train_results(learn, r, cfg:dict, dev, seconds:float) -> dict:
+    "What results.json holds: the last evaluation's metrics, the epochs, timings, provenance, history, configuration and recipe"
+    timer, hist, world = learn.train_timer, getattr(learn, 'reid_history', None) or [], cfg['world_size']
+    final = next((h for h in reversed(hist) if 'error' not in h), {})
+    return dict(**{k: final.get(k) for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped')},
+                epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
+                train_seconds=round(timer.seconds, 1), images_per_s=round(timer.images * world / max(timer.seconds, 1e-9), 1),
+                device=device_name(dev), git_commit=git_commit(), nan_stop=getattr(learn, 'nan_stop', None),
+                time_stop=getattr(learn, 'time_stop', None), weights=getattr(learn.model, 'weights', None), history=hist,
+                config=dict(cfg, test_flip=bool(learn.test_flip)), recipe=r.to_dict())
+
+def _write_run(learn, res:dict, out:Path, title:str) -> None:
+    "results.json, curves.png, export.pkl (not after a non-finite loss) and the final line, percent as `reid_eval` prints it"
+    nan = res['nan_stop']
+    if nan: _say(f"stopped on a non-finite loss at epoch {nan['epoch']} (terms {nan['terms']}); the last good checkpoint is "
+                 f"{latest_checkpoint(out/'checkpoints')}")
+    (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
+    import matplotlib.pyplot as plt
+    plt.close(plot_training(learn, out/'curves.png', title=title))
+    if not nan: learn.export('export.pkl')
+    if res['R1'] is None: return
+    when = f"after {res['epochs']} epochs" if res['epochs'] else f"before training ({res['weights']})"
+    _say(f"{metrics_line(res)} {when} in {res['seconds']:.0f}s" + (f" ({res['images_per_s']} train images/s)" if res['epochs'] else '')
+         + f" -> {out}")
+
+# %% ../nbs/05c_train.ipynb #e926e837
+def _say_start(r, data, df, demo:bool, chosen:dict, cfg:dict):
+    "The start-up lines: the data, the recipe and the defaults used, and what an option changed that a recipe sets otherwise"
+    sizes = reid_data.reid_summary(df)
+    _say(f"{'the demo dataset ' if demo else ''}{data}: " + ', '.join(f"{s} {n.images:,} images / {n.ids:,} ids" for s, n in sizes.iterrows()))
+    _say(_defaults_line(r, chosen, cfg['dl_flags']))
+    note = _augment_note(r, cfg['dl_kwargs'], cfg['dl_flags'])
+    if note: _say(note)
+    if not cfg['cross_camera']: _say("same-camera matches count in the evaluation (same_camera_ok): not the Market-1501 protocol")
+
+def _say_device(dev, threads):
+    "The device line, with torch's CPU threads and why (the thread policy `reid_learner` applied)"
+    _say(f"on {device_name(dev)}" + (f": {torch.get_num_threads()} CPU threads ({torch_threads(threads)[1]})" if dev.type == 'cpu' else ''))
+
+# %% ../nbs/05c_train.ipynb #9d1c2e3f
 def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` reads; default: the built-in demo data
                recipe:str='paper', # recipe name (`list_recipes()`)
                arch:str=None, # timm backbone (default resnet50; demo: tf_efficientnet_lite0)
-               epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them
+               epochs:int=None, # epochs (default: the recipe's, 120; demo: 6); the recipe's schedule (warmup, decays) is rescaled to them; 0: evaluate the initial weights
                out:str='runs/reid', # output folder: results.json, history.csv, curves.png, checkpoints/, export.pkl
                pretrained:str=None, # 'imagenet' (timm hub, resnet50 -> resnet50.tv_in1k), 'lite0'/'lite1'/'lite2', a timm tag, a file or 'none' (default imagenet; demo lite0)
                p:int=None, # identities per batch (default 16; demo 8)
@@ -93,15 +239,16 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the free cores)
                pipeline:str='auto', # 'auto' (cached if it fits in memory), 'pil' or 'cached'
                lr:float=None, # peak learning rate (default 3.5e-4; demo 1e-3)
-               aa_p:float=None, # probability of AutoAugment per image (default: the recipe's; 0 turns it off)
+               aa_p:float=None, # probability of AutoAugment per image: above 0 turns it on, 0 off (default: the recipe's)
                erase_p:float=None, # probability of random erasing per image (default: the recipe's)
                pad:int=None, # pad-and-crop pixels (default 10; demo 2)
-               camid_from:str=None, # folder-per-identity data: a regular expression that reads the camera from the file name
+               camid_from:str=None, # a CSV without camid column, or folder-per-identity data: a regular expression that reads the camera from the file name
                skip_bad_images:bool=False, # leave out (and list) images that cannot be decoded instead of stopping
                mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
                compile:bool=False, # `torch.compile` the model
                checkpoint_every:int=5, # write a checkpoint every N epochs (and, on SIGINT/SIGTERM, at the next batch)
                rerank:bool=False, # k-reciprocal re-ranking in the evaluation
+               same_camera_ok:bool=False, # count same-camera matches in the evaluation (a single-camera test set): not the Market-1501 protocol
                ap_mode:str='match', # mAP as torchreid/fast-reid ('match') or as the Market-1501 devkit ('devkit')
                device:str=None, # 'cpu', 'cuda', ... (default: CUDA if available)
                threads:int=None, # torch CPU threads (default on the CPU: $OMP_NUM_THREADS, else the cores this process may use)
@@ -114,81 +261,23 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     "Train and evaluate a re-ID recipe; write results.json, history.csv, curves.png, checkpoints and export.pkl to `out`"
     r = get_recipe(recipe)
     dev = setup_distributed(device)   # under torchrun / accelerate launch: joins the process group, takes this rank's GPU
-    world, main = max(1, num_distrib()), not rank_distrib()
+    world, main, demo = max(1, num_distrib()), not rank_distrib(), data is None
     quiet = quiet or not main         # one process speaks
-    user = dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs, eval_every=eval_every, lr=lr,
-                pretrained=pretrained, dl_kwargs=dl_kwargs)
-    demo = data is None
-    if demo:
-        data = rank0_first(reid_demo.make_demo_dataset)
-        defaults = demo_preset()
-    else: defaults = dict(arch='resnet50', size=(256, 128), p=16, k=4, epochs=r.n_epoch, eval_every=10, lr=3.5e-4,
-                          pretrained='imagenet', dl_kwargs={})
-    cfg = {**defaults, **{k_: v for k_, v in user.items() if v is not None}}
-    aug = {k_: v for k_, v in dict(aa_p=aa_p, erase_p=erase_p, pad=pad).items() if v is not None}
-    if aa_p == 0: aug['auto_augment'] = False
-    dl_flags = {**r.data, **cfg['dl_kwargs'], **aug}
-    n_threads, why_threads = torch_threads(threads)   # one policy: the cores this process may use (affinity, cgroup quota)
-    if threads or dev.type == 'cpu': torch.set_num_threads(n_threads)
+    opts, chosen = _train_options(r, demo, dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs,
+                                                eval_every=eval_every, lr=lr, pretrained=pretrained, dl_kwargs=dl_kwargs))
+    data, df = _train_table(data, camid_from, cross_camera=not same_camera_ok)
+    cfg = dict(data=str(data), recipe=r.name, **opts, dl_flags=_data_flags(r, opts['dl_kwargs'], aa_p, erase_p, pad), out=str(out),
+               seed=seed, workers=workers, pipeline=pipeline, threads=threads, max_minutes=max_minutes, mixed_precision=mixed_precision,
+               compile=compile, checkpoint_every=checkpoint_every, rerank=rerank, ap_mode=ap_mode, cross_camera=not same_camera_ok,
+               device=str(dev), world_size=world, camid_from=camid_from, skip_bad_images=skip_bad_images)
+    if not quiet: _say_start(r, data, df, demo, chosen, cfg)
     set_seed(seed, reproducible=True)
-    df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
-    sizes = reid_data.reid_summary(df)
-    chosen = {k_: v for k_, v in cfg.items() if user[k_] is None and k_ != 'dl_kwargs'}
-    if not quiet:
-        _say(f"{'the demo dataset ' if demo else ''}{data}: " + ', '.join(f"{s} {n.images:,} images / {n.ids:,} ids" for s, n in sizes.iterrows()))
-        _say(f"recipe {r.name!r}" + (f"; defaults used: " + ', '.join(f"{k_}={v}" for k_, v in chosen.items()) if chosen else '')
-             + ' (set any of them to override; --help lists the options)')
-        _say(f"on {device_name(dev)}" + (f": {torch.get_num_threads()} CPU threads ({why_threads})" if dev.type == 'cpu' else ''))
-    stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
-    # rank 0 builds the decoded-image cache, the others then read it
-    dls = rank0_first(reid_dataloaders, df, p=cfg['p'], k=cfg['k'], size=cfg['size'], num_workers=workers, seed=seed, device=dev,
-                      pipeline=pipeline, stats=stats, bad_images='skip' if skip_bad_images else 'error', **dl_flags)
-    mp = None if str(mixed_precision).lower() == 'none' else mixed_precision
-    out = Path(out)
-    learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp,
-                         eval_every=cfg['eval_every'], rerank=rerank, ap_mode=ap_mode, compile=compile, path=out,
-                         cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'), TrainTimer()]
-                             + ([TimeBudget(max_minutes)] if max_minutes else []))
-    out.mkdir(parents=True, exist_ok=True)   # only now: the data, the options and the weights are all good
-    start = 0
-    if resume:
-        ck = latest_checkpoint(out/'checkpoints')
-        if ck is None:
-            if main: _say(f"--resume but no checkpoint in {out/'checkpoints'}: starting afresh")
-        else:
-            start = resume_from(learn, ck)
-            it = learn.resume_state.start_iter
-            if main: _say(f"resuming from {ck.name}, epoch {start}" + (f", batch {it}" if it else ''))
-    config = dict(data=str(data), recipe=r.name, **{k_: (list(v) if isinstance(v, tuple) else v) for k_, v in cfg.items()},
-                  dl_flags=dl_flags, out=str(out), seed=seed, workers=workers, pipeline=dls.pipeline, threads=torch.get_num_threads(),
-                  max_minutes=max_minutes, mixed_precision=mixed_precision, compile=compile, checkpoint_every=checkpoint_every,
-                  rerank=rerank, ap_mode=ap_mode, device=str(dev), world_size=world, camid_from=camid_from,
-                  skip_bad_images=skip_bad_images)
-    bar = ifnone(progress, sys.stdout.isatty()) and not quiet
+    learn, start = _train_learner(df, r, cfg, dev, resume, main, cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'),
+                                  TrainTimer()] + ([TimeBudget(max_minutes)] if max_minutes else []))
+    cfg.update(size=list(cfg['size']), pipeline=learn.dls.pipeline, threads=torch.get_num_threads())
+    if not quiet: _say_device(dev, threads)
     t0 = time.perf_counter()
-    with (learn.added_cbs([]) if bar else learn.no_bar()), distributed_context(learn):   # a no-op in one process
-        if not bar: learn.logger = noop if quiet else EpochLines(learn)
-        # the CSV logger only for the fit: it holds an open file, which `export` could not pickle
-        try: learn.fit_recipe(cfg['epochs'], lr=cfg['lr'], start_epoch=start, cbs=[ResumableCSVLogger('history.csv')] + L(cbs))
-        finally: learn.logger = print
-    if getattr(learn, 'interrupted', None):   # SIGINT/SIGTERM: the state is saved; no results for an unfinished run
-        raise TrainingInterrupted(learn.interrupted, 'the same command with --resume (in Python: resume=True) continues from it')
-    seconds = time.perf_counter() - t0
-    timer, hist = learn.train_timer, getattr(learn, 'reid_history', None) or []
-    t_sec, n_img, nan = getattr(timer, 'seconds', 0.), getattr(timer, 'images', 0), getattr(learn, 'nan_stop', None)
-    final = next((h for h in reversed(hist) if 'error' not in h), {})
-    res = dict(**{k_: final.get(k_) for k_ in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped')},
-               epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
-               train_seconds=round(t_sec, 1), images_per_s=round(n_img * world / max(t_sec, 1e-9), 1),
-               device=device_name(dev), git_commit=git_commit(), nan_stop=nan, time_stop=getattr(learn, 'time_stop', None),
-               weights=getattr(learn.model, 'weights', None), history=hist, config=config, recipe=r.to_dict())
-    if not main: return res   # rank 0 alone prints and writes results.json, curves.png and export.pkl
-    if nan: _say(f"stopped on a non-finite loss at epoch {nan['epoch']} (terms {nan['terms']}); the last good checkpoint is "
-                 f"{latest_checkpoint(out/'checkpoints')}")
-    (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
-    import matplotlib.pyplot as plt
-    plt.close(plot_training(learn, out/'curves.png', title=f"{r.name} / {cfg['arch']} / {Path(str(data)).name}"))
-    if not nan: learn.export('export.pkl')
-    if final: _say(f"R1 {final['R1']:.3f}  mAP {final['mAP']:.3f}  mINP {final['mINP']:.3f} after {res['epochs']} epochs in "
-                   f"{seconds:.0f}s ({res['images_per_s']} train images/s) -> {out}")
-    return res
+    _fit(learn, cfg['epochs'], cfg['lr'], start, cbs, quiet, progress)
+    res = _train_results(learn, r, cfg, dev, time.perf_counter() - t0)
+    if main: _write_run(learn, res, Path(out), title=f"{r.name} / {cfg['arch']} / {Path(str(data)).name}")
+    return res   # rank 0 alone prints and writes results.json, curves.png and export.pkl
