@@ -125,7 +125,7 @@ def get_recipe(recipe='paper', **overrides) -> Recipe:
         if recipe not in RECIPES: raise ValueError(f"unknown recipe {recipe!r}; choose one of {list(RECIPES)} (see list_recipes())")
         r = RECIPES[recipe]
     # by shape, not `isinstance`: a notebook run in the same process (nbdev_test reuses its workers) defines
-    # its own `Recipe` class, and `Learner.fit_recipe` patched there must still take the package's recipes
+    # its own `Recipe` class, whose recipes the package's functions (`ReIDLearner.fit_recipe` too) must still take
     elif callable(getattr(recipe, 'replace', None)) and hasattr(recipe, 'terms'): r = recipe
     else: raise TypeError(f"recipe must be a name or a `Recipe`, not {type(recipe).__name__}; see list_recipes()")
     return r.replace(**overrides)

@@ -1,11 +1,12 @@
-"""`reid_train` end to end on a tiny dataset: the console script, seeded reproducibility, an interrupted run resumed
-from its checkpoint, and a NaN run. What a notebook cannot express (processes, interruptions), kept small: CPU,
-num_workers=0, a 16-identity demo dataset at 32x16 pixels."""
-import configparser, json, os, shutil, subprocess, sys
+"""`reid_train` end to end on a tiny dataset: the console script (one process), its bad-input errors (in this process),
+seeded reproducibility, an interrupted run resumed from its checkpoint, and a NaN run. What a notebook cannot express
+(processes, interruptions), kept small: CPU, num_workers=0, a 16-identity demo dataset at 32x16 pixels."""
+import configparser, contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from fastai.callback.core import Callback
 
+from reid_fastai.data import reid_df
 from reid_fastai.demo import make_demo_dataset
 from reid_fastai.checkpoint import load_checkpoint_file
 from reid_fastai.train import reid_train
@@ -41,14 +42,15 @@ def _cmd():
     return [exe] if exe else [sys.executable, '-c', 'from reid_fastai.cli import reid_train_cli; reid_train_cli()']
 
 
-def test_console_script(tiny_data, tmp_path):
+def test_console_script(tiny_data, tmp_path, capsys):
     "The `reid_train` entry point of settings.ini parses its options (hyphens or underscores) and writes its outputs"
     cfg = configparser.ConfigParser(); cfg.read(REPO/'settings.ini')
     assert 'reid_train=reid_fastai.cli:reid_train_cli' in cfg['DEFAULT']['console_scripts'].replace(' ', '')
     cmd = _cmd()
-    help_ = subprocess.run(cmd + ['--help'], capture_output=True, text=True, timeout=300)
-    assert help_.returncode == 0 and '--eval_every' in help_.stdout and '--resume' in help_.stdout
-    assert '--cbs' not in help_.stdout and '--dl_kwargs' not in help_.stdout   # Python-only options stay out of --help
+    with pytest.raises(SystemExit) as e: reid_train_cli(['--help'])   # in this process: the one process is the run below
+    help_ = capsys.readouterr().out
+    assert e.value.code == 0 and '--eval-every' in help_ and '--list-recipes' in help_ and '--resume' in help_, help_
+    assert '--cbs' not in help_ and '--dl-kwargs' not in help_   # Python-only options stay out of --help
     out = tmp_path/'run'
     r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(out), '--arch', 'resnet18', '--epochs', '3',
                               '--size', '32', '16', '--p', '4', '--k', '4', '--eval-every', '2', '--workers', '0',
@@ -66,34 +68,55 @@ def test_console_script(tiny_data, tmp_path):
     header = next(l for l in r.stdout.splitlines() if l.split()[:2] == ['epoch', 'train_loss'])
     assert header.split() == ['epoch', 'train_loss', 'R1', 'R5', 'R10', 'mAP', 'mINP', 'time'], header
     assert len(lines) == 3 and lines[0].split()[2] == '-' and lines[1].split()[2] != '-', r.stdout
-    assert '\r' not in r.stdout and 'defaults used' in r.stdout and 'R1' in r.stdout.splitlines()[-1]
+    assert '\r' not in r.stdout and 'defaults used' in r.stdout
+    assert r.stdout.splitlines()[-1].startswith(f"reid_train: R1 {100 * res['R1']:.1f}%  mAP {100 * res['mAP']:.1f}%"), r.stdout
     hist = (out/'history.csv').read_text().splitlines()
     assert hist[0].startswith('epoch,train_loss,R1') and len(hist) == 4
 
 
-def test_cli_errors_are_one_line(tiny_data, tmp_path):
-    "Bad input: one line on stderr, a distinct exit code, no output folder; a corrupt image is found before training"
-    cmd, out = _cmd(), tmp_path/'out'
-    def run(*args):
-        return subprocess.run(cmd + list(args) + ['--out', str(out), '--device', 'cpu', '--pretrained', 'none'],
-                              capture_output=True, text=True, timeout=300)
-    r = run('--data', str(tmp_path/'missing'))
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and r.stderr.startswith('reid_train: error: dataset path'), r.stderr
-    r = run('--data', tiny_data, '--p', '99')
-    assert r.returncode == 2 and '--p 8 on the command line' in r.stderr and 'Traceback' not in r.stderr, r.stderr
-    r = run('--data', tiny_data, '--recipe', 'papper')
-    assert r.returncode == 2 and "unknown recipe 'papper'" in r.stderr, r.stderr
+def _cli(*argv):
+    "reid_train_cli in this process: (exit status, stdout, stderr); 0 when it returns"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try: reid_train_cli([str(a) for a in argv]); code = 0
+        except SystemExit as e: code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_errors_are_one_line(tiny_data, tmp_path, monkeypatch):
+    """Bad input, in this process (the console script runs in `test_console_script`): one line on stderr, a distinct
+    exit code, no output folder; a corrupt image is found before training"""
+    out = tmp_path/'out'
+    def run(*args, pretrained='none'): return _cli(*args, '--out', out, '--device', 'cpu', '--pretrained', pretrained, '--threads', 1)
+    code, _, err = run('--data', tmp_path/'missing')
+    assert code == 2 and err.count('\n') == 1 and err.startswith('reid_train: error: dataset path'), err
+    code, _, err = run('--data', tiny_data, '--p', '99')
+    assert code == 2 and '--p 8 on the command line' in err and 'Traceback' not in err, err
+    code, _, err = run('--data', tiny_data, '--recipe', 'papper')
+    assert code == 2 and "unknown recipe 'papper'" in err and 'reid_train --list-recipes' in err and 'list_recipes()' not in err, err
+    for pre in ('none', 'imagenet'):   # a typo in the backbone: named at once, with timm's closest names, whatever the weights
+        code, _, err = run('--data', tiny_data, '--arch', 'resnet5O', pretrained=pre)
+        assert (code, err.count('\n')) == (2, 1) and "arch 'resnet5O' is not a timm model (did you mean resnet50" in err, err
+    code, _, err = run('--data', tiny_data, '--epochs', -1)
+    assert code == 2 and 'epochs must be 0 or more' in err, err
+    one_cam = tmp_path/'one_cam.csv'
+    reid_df(tiny_data).assign(camid=2).to_csv(one_cam, index=False)
+    code, _, err = run('--data', one_cam)
+    assert code == 2 and 'all come from one camera (camid 2)' in err and 'reid_train --same-camera-ok' in err, err
+    code, _, err = run('--data', tiny_data, '--batch-size', 64)
+    assert (code, err) == (2, 'reid_train: error: unrecognized arguments: --batch-size 64 (reid_train --help lists the options)\n'), err
     assert not out.exists()
     bad_data = tmp_path/'bad'; shutil.copytree(tiny_data, bad_data)
     first = sorted((bad_data/'bounding_box_train').iterdir())[0]
     first.write_bytes(first.read_bytes()[:300])
-    r = run('--data', str(bad_data), '--epochs', '1', '--size', '32', '16', '--p', '4', '--arch', 'resnet18')
-    assert r.returncode == 2 and first.name in r.stderr and '--skip-bad-images' in r.stderr, r.stderr
-    r = run('--data', str(bad_data), '--epochs', '1', '--size', '32', '16', '--p', '4', '--arch', 'resnet18', '--skip-bad-images', '--quiet')
-    assert r.returncode == 0 and f'skipping 1 image(s) that cannot be decoded: {first}' in r.stdout, r.stdout + r.stderr
-    r = subprocess.run(cmd + ['--data', tiny_data, '--out', str(tmp_path/'w'), '--device', 'cpu', '--arch', 'resnet18', '--p', '4'],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
-    assert r.returncode == 3 and 'Three ways out' in r.stderr and not (tmp_path/'w').exists(), r.stderr
+    small = ('--epochs', 1, '--size', 32, 16, '--p', 4, '--arch', 'resnet18', '--workers', 0)
+    code, _, err = run('--data', bad_data, *small)
+    assert code == 2 and first.name in err and '--skip-bad-images' in err, err
+    code, printed, err = run('--data', bad_data, *small, '--skip-bad-images', '--quiet')
+    assert code == 0 and f'skipping 1 image(s) that cannot be decoded: {first}' in printed + err, printed + err
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    code, _, err = _cli('--data', tiny_data, '--out', tmp_path/'w', '--device', 'cpu', '--arch', 'resnet18', '--p', 4)
+    assert code == 3 and 'Three ways out' in err and not (tmp_path/'w').exists(), err
 
 
 def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
@@ -106,6 +129,7 @@ def test_demo_preset(capsys, monkeypatch, tiny_data, tmp_path):
     res = reid_train_cli(['--out', str(tmp_path/'demo'), '--p', '4', '--workers', '0'])
     out = capsys.readouterr().out
     assert 'the demo dataset' in out and f"defaults used: arch={DEMO_PRESET['arch']}" in out and 'p=8' not in out, out
+    assert "auto_augment=False (recipe 'paper': True), pad=2" in out, out   # the preset turns off the recipe's AutoAugment: it says so
     cfg = res['config']
     assert (cfg['arch'], cfg['p'], cfg['epochs'], tuple(cfg['size'])) == (DEMO_PRESET['arch'], 4, DEMO_PRESET['epochs'], DEMO_PRESET['size'])
 
