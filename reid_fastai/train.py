@@ -33,9 +33,11 @@ __all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'demo_preset', '
            'reid_train']
 
 # %% ../nbs/05c_train.ipynb #193dd397
-# ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured R1 0.34-0.38 / mAP 0.24-0.28 on the
-# demo after 6 epochs (2026-12-02, benchmarks/results/demo_paper_cpu_results.json and demo_under_load_cpu.txt). From scratch (when that package is missing) small nets stay below R1 0.1 in
-# a CPU-friendly budget, so the scratch fallback is only a smoke run.
+# ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured on the demo after 6 epochs R1 0.21 /
+# mAP 0.18 as the recipe evaluates (no flip TTA), from R1 0.15 / mAP 0.12 before training (2026-12-04,
+# benchmarks/results/demo_paper_cpu_noflip_results.json, demo_epochs0_cpu_results.json); with flip TTA R1 0.33-0.38 /
+# mAP 0.25-0.28 (2026-12-02, demo_paper_cpu_results.json and demo_under_load_cpu.txt). From scratch (when that package
+# is missing) small nets stay below R1 0.1 in a CPU-friendly budget, so the scratch fallback is only a smoke run.
 DEMO_PRESET = dict(arch='tf_efficientnet_lite0', pretrained='lite0', size=(64, 32), p=8, k=4, epochs=6, eval_every=3,
                    lr=1e-3, dl_kwargs=dict(auto_augment=False, pad=2))
 DEMO_PRESET_SCRATCH = dict(DEMO_PRESET, arch='mobilenetv3_small_100', pretrained='none', epochs=15, eval_every=5)
@@ -96,9 +98,9 @@ def _train_options(r, # the `Recipe`
                    user:dict, # the options given (None: not given)
                   ) -> tuple:
     "(options, defaults used): `user`'s where given, else the demo preset's or `DATA_PRESET`'s; checked before any work"
+    if user.get('arch') is not None: check_arch(user['arch'])   # first: the demo preset may convert weights
     defaults = demo_preset() if demo else dict(DATA_PRESET, epochs=r.n_epoch)
     cfg = {**defaults, **{k: v for k, v in user.items() if v is not None}}
-    check_arch(cfg['arch'])
     if int(cfg['epochs']) < 0: raise ReIDInputError(f"epochs must be 0 or more, got {cfg['epochs']} (0 evaluates the model as it starts)")
     chosen = {k: v for k, v in cfg.items() if user.get(k) is None and k != 'dl_kwargs'}
     if user.get('dl_kwargs') is None: chosen.update(defaults['dl_kwargs'])   # the preset's data flags are defaults too

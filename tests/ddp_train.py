@@ -90,7 +90,7 @@ def main(argv=None):
         nan_stop=learn.nan_stop, loader_after=type(learn.dls.train).__name__, model_after=type(learn.model).__name__)))
     if not rank:   # what reid_train writes once
         hist = getattr(learn, 'reid_history', None) or []
-        ref = {k: float(v) for k, v in evaluate_reid(learn.model, dls).items()}   # one process, after the fit
+        ref = {k: float(v) for k, v in evaluate_reid(learn.model, dls, flip=learn.test_flip).items()}   # one process, after the fit, with the learner's TTA
         res = dict(world_size=world, seconds=round(seconds, 1), history=hist, reference=ref,
                    epochs=(hist[-1]['epoch'] + 1) if hist else 0, images=learn.train_timer.images)
         (out/'results.json').write_text(json.dumps(res, indent=2, default=str))
