@@ -148,7 +148,7 @@ def _train_learner(df, r, cfg:dict, dev, resume:bool=False, main:bool=True, cbs=
     "(learner, start epoch): the data loaders and `reid_learner` of `cfg`, resumed from the newest checkpoint with `resume`"
     stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
     # rank 0 builds the decoded-image cache, the others then read it
-    dls = rank0_first(reid_dataloaders, df, p=cfg["p"], k=cfg["k"], size=tuple(cfg["size"]), num_workers=cfg['workers'], seed=cfg['seed'],
+    dls = rank0_first(reid_dataloaders, df, p=cfg['p'], k=cfg['k'], size=tuple(cfg['size']), num_workers=cfg['workers'], seed=cfg['seed'],
                       device=dev, pipeline=cfg['pipeline'], stats=stats, bad_images='skip' if cfg['skip_bad_images'] else 'error',
                       **cfg['dl_flags'])
     mp = None if str(cfg['mixed_precision']).lower() == 'none' else cfg['mixed_precision']
