@@ -158,6 +158,7 @@ def _floats(v, n:int) -> list:
     "A number, or one value per image (tensor, list), as `n` Python floats"
     return torch.as_tensor(v, dtype=torch.float64).cpu().expand(n).tolist()
 
+# %% ../nbs/00a_augment.ipynb #8c40f6fd
 def batch_affine(x:Tensor, angle=0., translate=(0., 0.), shear=(0., 0.), center=None) -> Tensor:
     "`F.affine` per image on a uint8 batch: `angle` and `shear` in degrees, `translate` and `center` (default: the image centre) in pixels; nearest, fill 0"
     from torchvision.transforms.functional import _get_inverse_affine_matrix
@@ -180,6 +181,7 @@ def batch_affine(x:Tensor, angle=0., translate=(0., 0.), shear=(0., 0.), center=
     for i, sh in enumerate((16, 8, 0)): out[:, i] = q >> sh   # the cast to uint8 keeps the low byte
     return out
 
+# %% ../nbs/00a_augment.ipynb #7e0db48d
 def batch_rotate(x:Tensor, angle) -> Tensor:
     "`F.rotate` per image: `angle` degrees anticlockwise about the centre, nearest, fill 0"
     return batch_affine(x, angle=-torch.as_tensor(angle, dtype=torch.float64))
@@ -200,6 +202,7 @@ def batch_translate_y(x:Tensor, pixels) -> Tensor:
     "`F.affine` translation by `pixels` along y per image"
     return batch_affine(x, translate=(0., pixels))
 
+# %% ../nbs/00a_augment.ipynb #e8908f0d
 AA_OPS = dict(  # AutoAugment op -> batched function of (uint8 batch, per-image magnitudes as `_apply_op` takes them)
     ShearX=batch_shear_x, ShearY=batch_shear_y, Rotate=batch_rotate,
     TranslateX=lambda x, m: batch_translate_x(x, m.trunc()), TranslateY=lambda x, m: batch_translate_y(x, m.trunc()),
@@ -224,39 +227,45 @@ class BatchAutoAugment(Transform):
         self.probs = torch.tensor([[pr for _, pr, _ in sp] for sp in self.aa.policies])   # float32, as torchvision's `probs`
         self._spaces = {}
 
-    def space(self, size):
-        "For each sub-policy and slot, the magnitude (float64, unsigned) and whether it is signed, for images of `size`"
-        size = tuple(int(s) for s in size)
-        if size not in self._spaces:
-            meta, pol = self.aa._augmentation_space(10, size), self.aa.policies
-            mag = [[float(meta[o][0][i].item()) if i is not None else 0. for o, _, i in sp] for sp in pol]
-            self._spaces[size] = torch.tensor(mag, dtype=torch.float64), torch.tensor([[meta[o][1] for o, _, _ in sp] for sp in pol])
-        return self._spaces[size]
-
-    def draw(self, n:int, size) -> dict:
-        "Per-image draws on the CPU: `on` [n], `policy` [n], `ops` [n, 2] (index into `AA_OPS`, -1: not applied), `magnitudes` [n, 2]"
-        mag, signed = self.space(size)
-        on = torch.rand(n) < self.p
-        pid = torch.randint(len(self.aa.policies), (n,))
-        u, signs = torch.rand(n, 2), torch.randint(2, (n, 2))
-        ops = torch.where((u <= self.probs[pid]) & on[:, None], self.op_ids[pid], -1)
-        return dict(on=on, policy=pid, ops=ops, magnitudes=torch.where(signed[pid] & (signs == 0), -mag[pid], mag[pid]))
-
-    def apply(self, x:Tensor, params:dict) -> Tensor:
-        "Apply drawn (or given) `params` to the uint8 batch `x`: slot by slot, each op once on the images that drew it"
-        x, ops, mags = x.as_subclass(Tensor), params['ops'], params['magnitudes']
-        if (ops >= 0).any(): x = x.clone()
-        for slot in range(ops.shape[1]):
-            for k in ops[:, slot].unique().tolist():
-                if k < 0: continue
-                idx = (ops[:, slot] == k).nonzero().view(-1)                    # on the CPU
-                i = _to(idx, x.device)
-                x.index_copy_(0, i, AA_OPS[_AA_NAMES[k]](x.index_select(0, i), mags[idx, slot]))
-        return x
-
     def encodes(self, x:TensorImage):
         if x.dtype != torch.uint8: raise TypeError(f"BatchAutoAugment needs a uint8 batch, got {x.dtype}")
         return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:])))
+
+# %% ../nbs/00a_augment.ipynb #725b6899
+@patch
+def space(self:BatchAutoAugment, size):
+    "For each sub-policy and slot, the magnitude (float64, unsigned) and whether it is signed, for images of `size`"
+    size = tuple(int(s) for s in size)
+    if size not in self._spaces:
+        meta, pol = self.aa._augmentation_space(10, size), self.aa.policies
+        mag = [[float(meta[o][0][i].item()) if i is not None else 0. for o, _, i in sp] for sp in pol]
+        self._spaces[size] = torch.tensor(mag, dtype=torch.float64), torch.tensor([[meta[o][1] for o, _, _ in sp] for sp in pol])
+    return self._spaces[size]
+
+# %% ../nbs/00a_augment.ipynb #bbd0b99f
+@patch
+def draw(self:BatchAutoAugment, n:int, size) -> dict:
+    "Per-image draws on the CPU: `on` [n], `policy` [n], `ops` [n, 2] (index into `AA_OPS`, -1: not applied), `magnitudes` [n, 2]"
+    mag, signed = self.space(size)
+    on = torch.rand(n) < self.p
+    pid = torch.randint(len(self.aa.policies), (n,))
+    u, signs = torch.rand(n, 2), torch.randint(2, (n, 2))
+    ops = torch.where((u <= self.probs[pid]) & on[:, None], self.op_ids[pid], -1)
+    return dict(on=on, policy=pid, ops=ops, magnitudes=torch.where(signed[pid] & (signs == 0), -mag[pid], mag[pid]))
+
+# %% ../nbs/00a_augment.ipynb #d72bdb22
+@patch
+def apply(self:BatchAutoAugment, x:Tensor, params:dict) -> Tensor:
+    "Apply drawn (or given) `params` to the uint8 batch `x`: slot by slot, each op once on the images that drew it"
+    x, ops, mags = x.as_subclass(Tensor), params['ops'], params['magnitudes']
+    if (ops >= 0).any(): x = x.clone()
+    for slot in range(ops.shape[1]):
+        for k in ops[:, slot].unique().tolist():
+            if k < 0: continue
+            idx = (ops[:, slot] == k).nonzero().view(-1)                    # on the CPU
+            i = _to(idx, x.device)
+            x.index_copy_(0, i, AA_OPS[_AA_NAMES[k]](x.index_select(0, i), mags[idx, slot]))
+    return x
 
 # %% ../nbs/00a_augment.ipynb #12b4f318
 class BatchFlip(Transform):
@@ -312,29 +321,31 @@ class ReIDRandomErasing(Transform):
         if attempts != int(attempts) or attempts < 1: raise ValueError(f"attempts must be a whole number >= 1, got {attempts!r}")
         super().__init__(); store_attr()
 
-    def draw(self, n:int, size) -> dict:
-        "Per image (CPU): `erase` [n] and the rectangle `i`, `j` (top-left), `h`, `w` (0 where not erased)"
-        H, W = (int(s) for s in size)
-        if self.ratio == 'log':   # torchvision's `get_params`, in float32 as it draws
-            lo, hi = sorted((math.log(self.min_aspect), -math.log(self.min_aspect)))
-            area = torch.empty(n, self.attempts).uniform_(self.sl, self.sh).double() * (H * W)
-            ar = torch.empty(n, self.attempts).uniform_(lo, hi).exp().double()
-        else:                     # BoT's `random.uniform(sl, sh) * area` and `random.uniform(r1, 1 / r1)`, in float64
-            u = torch.rand(n, self.attempts, 2, dtype=torch.float64)
-            area = (self.sl + (self.sh - self.sl) * u[..., 0]) * (H * W)
-            ar = self.min_aspect + (1 / self.min_aspect - self.min_aspect) * u[..., 1]
-        h, w = (area * ar).sqrt().round().long(), (area / ar).sqrt().round().long()   # half to even, as Python's `round`
-        fits = (h < H) & (w < W)
-        first = fits.int().argmax(1, keepdim=True)                       # the first attempt that fits
-        erase = fits.any(1) & (torch.rand(n) < self.p)
-        h, w = h.gather(1, first)[:, 0] * erase, w.gather(1, first)[:, 0] * erase
-        u = torch.rand(n, 2, dtype=torch.float64)
-        i, j = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
-        return dict(erase=erase, i=i * erase, j=j * erase, h=h, w=w)
-
     def encodes(self, x:TensorImage):
         if self.p <= 0: return x
         return TensorImage(self.apply(x, self.draw(x.shape[0], x.shape[-2:]), inplace=self.inplace))
+
+# %% ../nbs/00a_augment.ipynb #33686c46
+@patch
+def draw(self:ReIDRandomErasing, n:int, size) -> dict:
+    "Per image (CPU): `erase` [n] and the rectangle `i`, `j` (top-left), `h`, `w` (0 where not erased)"
+    H, W = (int(s) for s in size)
+    if self.ratio == 'log':   # torchvision's `get_params`, in float32 as it draws
+        lo, hi = sorted((math.log(self.min_aspect), -math.log(self.min_aspect)))
+        area = torch.empty(n, self.attempts).uniform_(self.sl, self.sh).double() * (H * W)
+        ar = torch.empty(n, self.attempts).uniform_(lo, hi).exp().double()
+    else:                     # BoT's `random.uniform(sl, sh) * area` and `random.uniform(r1, 1 / r1)`, in float64
+        u = torch.rand(n, self.attempts, 2, dtype=torch.float64)
+        area = (self.sl + (self.sh - self.sl) * u[..., 0]) * (H * W)
+        ar = self.min_aspect + (1 / self.min_aspect - self.min_aspect) * u[..., 1]
+    h, w = (area * ar).sqrt().round().long(), (area / ar).sqrt().round().long()   # half to even, as Python's `round`
+    fits = (h < H) & (w < W)
+    first = fits.int().argmax(1, keepdim=True)                       # the first attempt that fits
+    erase = fits.any(1) & (torch.rand(n) < self.p)
+    h, w = h.gather(1, first)[:, 0] * erase, w.gather(1, first)[:, 0] * erase
+    u = torch.rand(n, 2, dtype=torch.float64)
+    i, j = (u[:, 0] * (H - h + 1)).floor().long(), (u[:, 1] * (W - w + 1)).floor().long()
+    return dict(erase=erase, i=i * erase, j=j * erase, h=h, w=w)
 
 # %% ../nbs/00a_augment.ipynb #6802f965
 @patch
@@ -373,6 +384,7 @@ def reid_item_tfms(size=(256, 128), auto_augment:bool=True, flip_p:float=0.5, pa
         if pad > 0: tfms.append(PadRandomCrop(pad))
     return tfms + [ToTensor()]
 
+# %% ../nbs/00a_augment.ipynb #f8796a79
 class ToFloatNormalize(Transform):
     "uint8 `TensorImage` -> float, normalised by `mean`, `std` (0-1 scale): fastai's `IntToFloatTensor` + `Normalize` in one"
     order = 10
@@ -388,6 +400,7 @@ class ToFloatNormalize(Transform):
         m, s = (t.to(x.device) for t in (self.mean, self.std))
         return TensorImage(((x.as_subclass(Tensor) * s + m).clamp(0., 1.) * 255).long())
 
+# %% ../nbs/00a_augment.ipynb #f701cf75
 _ERASE_STYLES = {'torchvision': dict(ratio='log', attempts=10), 'bot': dict(ratio='uniform', attempts=100)}
 
 def reid_batch_tfms(stats=imagenet_stats, # normalisation (mean, std), 0-1 scale
@@ -406,6 +419,7 @@ def reid_batch_tfms(stats=imagenet_stats, # normalisation (mean, std), 0-1 scale
     # erasing in place: the float conversion just before made the batch, nobody else holds it
     return tfms + [ReIDRandomErasing(p=erase_p, fill=fill, inplace=True, **_ERASE_STYLES[erase_style])]
 
+# %% ../nbs/00a_augment.ipynb #6b75435a
 def reid_device_tfms(size=(256, 128), auto_augment:bool=True, aa_p:float=1.0, flip_p:float=0.5, pad:int=10, train:bool=True) -> list:
     "The batched `reid_item_tfms` for uint8 batches from a decoded cache: resize (+ AutoAugment, flip, pad-and-crop for training)"
     tfms = [BatchResize(size)]

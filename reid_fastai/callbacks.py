@@ -156,6 +156,7 @@ def fused_step_skip(opt) -> bool:
     "Whether torch optimizer `opt` can skip a step on the device (fused kernels read `opt.found_inf`, no host sync)"
     return isinstance(opt, torch.optim.Optimizer) and bool(opt.defaults.get('fused'))
 
+# %% ../nbs/03_callbacks.ipynb #ebd2be57
 class CenterLossOptimizer(Callback):
     "Step the centres of every center-loss term of `learn.loss_func` with their own SGD, gradients rescaled by 1/beta (and averaged over the ranks)"
     order = 11 # after GradientAccumulation (6) and MixedPrecision (10) have decided whether the main optimizer steps
@@ -177,57 +178,71 @@ class CenterLossOptimizer(Callback):
             self._pending_opt_state = None
         return self.center_opt
 
-    def before_fit(self):
-        if not self._terms(): warnings.warn("CenterLossOptimizer: `learn.loss_func` has no center-loss term")
-        self._get_opt()
-        lf = self.learn.loss_func
-        if num_distrib() > 1 and in_fit(self.learn) and isinstance(lf, nn.Module):   # the centres are drawn at random: rank 0's
-            broadcast([t.detach() for t in [*lf.parameters(), *lf.buffers()]])
-    def before_batch(self): self._stepping = False
+# %% ../nbs/03_callbacks.ipynb #a7c8b0b8
+@patch
+def before_fit(self:CenterLossOptimizer):
+    if not self._terms(): warnings.warn("CenterLossOptimizer: `learn.loss_func` has no center-loss term")
+    self._get_opt()
+    lf = self.learn.loss_func
+    if num_distrib() > 1 and in_fit(self.learn) and isinstance(lf, nn.Module):   # the centres are drawn at random: rank 0's
+        broadcast([t.detach() for t in [*lf.parameters(), *lf.buffers()]])
 
-    def before_step(self):
-        opt = self._get_opt()
-        if opt is None: return
-        grads = [t.centers.grad for _, t, _ in self._terms() if t.centers.grad is not None]
-        if num_distrib() > 1 and grads:   # DDP averages the model's gradients; the centres' are averaged here, before their step
-            for g, mean in zip(grads, reduce(grads, 'mean')): g.copy_(mean)
-        scaler = getattr(self.learn, 'scaler', None)
-        if scaler is not None and scaler.is_enabled(): scaler.unscale_(opt)
-        finite = []
-        for _, t, beta in self._terms():
-            g = t.centers.grad
-            if g is None: continue
-            g.mul_(1./beta)
-            finite.append(torch.isfinite(g).all())
-        # a device-side flag, read by a fused optimizer without a host sync; `NaNStop` adds the loss's own flag
-        ok = torch.stack(finite).all() if finite else None
-        if ok is not None and getattr(self.learn, 'loss_ok', None) is not None: ok = ok & self.learn.loss_ok
-        self._ok, self._stepping = ok, True
+@patch
+def before_batch(self:CenterLossOptimizer): self._stepping = False
 
-    def after_cancel_step(self): self._stepping = False
-    def after_step(self):
-        opt = self._get_opt()
-        if opt is None: return
-        if self._stepping and self._ok is not None:
-            if fused_step_skip(opt): opt.found_inf = (~self._ok).float(); opt.step()
-            elif bool(self._ok): opt.step()   # other optimizers: decide on the host (a sync)
-            self.n_steps += 1
-        opt.zero_grad()
-        self._stepping = False
+# %% ../nbs/03_callbacks.ipynb #c84eb6e1
+@patch
+def before_step(self:CenterLossOptimizer):
+    opt = self._get_opt()
+    if opt is None: return
+    grads = [t.centers.grad for _, t, _ in self._terms() if t.centers.grad is not None]
+    if num_distrib() > 1 and grads:   # DDP averages the model's gradients; the centres' are averaged here, before their step
+        for g, mean in zip(grads, reduce(grads, 'mean')): g.copy_(mean)
+    scaler = getattr(self.learn, 'scaler', None)
+    if scaler is not None and scaler.is_enabled(): scaler.unscale_(opt)
+    finite = []
+    for _, t, beta in self._terms():
+        g = t.centers.grad
+        if g is None: continue
+        g.mul_(1./beta)
+        finite.append(torch.isfinite(g).all())
+    # a device-side flag, read by a fused optimizer without a host sync; `NaNStop` adds the loss's own flag
+    ok = torch.stack(finite).all() if finite else None
+    if ok is not None and getattr(self.learn, 'loss_ok', None) is not None: ok = ok & self.learn.loss_ok
+    self._ok, self._stepping = ok, True
 
-    def state_dict(self):
-        "The centres and the state of their optimizer"
-        opt = self._get_opt() if self.learn is not None else self.center_opt
-        return {'centers': [t.centers.detach().clone() for _, t, _ in self._terms()] if self.learn is not None else [],
-                'opt': opt.state_dict() if opt is not None else None, 'n_steps': self.n_steps}
-    def load_state_dict(self, sd):
-        "Restore the centres (in place) and their optimizer state"
-        if self.learn is not None:
-            with torch.no_grad():
-                for (_, t, _), c in zip(self._terms(), sd['centers']): t.centers.copy_(c)
-        self.n_steps = sd.get('n_steps', 0)
-        self.center_opt, self._pending_opt_state = None, sd['opt']
-        if self.learn is not None: self._get_opt()
+# %% ../nbs/03_callbacks.ipynb #8f3e3dee
+@patch
+def after_cancel_step(self:CenterLossOptimizer): self._stepping = False
+
+@patch
+def after_step(self:CenterLossOptimizer):
+    opt = self._get_opt()
+    if opt is None: return
+    if self._stepping and self._ok is not None:
+        if fused_step_skip(opt): opt.found_inf = (~self._ok).float(); opt.step()
+        elif bool(self._ok): opt.step()   # other optimizers: decide on the host (a sync)
+        self.n_steps += 1
+    opt.zero_grad()
+    self._stepping = False
+
+# %% ../nbs/03_callbacks.ipynb #42197e74
+@patch
+def state_dict(self:CenterLossOptimizer):
+    "The centres and the state of their optimizer"
+    opt = self._get_opt() if self.learn is not None else self.center_opt
+    return {'centers': [t.centers.detach().clone() for _, t, _ in self._terms()] if self.learn is not None else [],
+            'opt': opt.state_dict() if opt is not None else None, 'n_steps': self.n_steps}
+
+@patch
+def load_state_dict(self:CenterLossOptimizer, sd):
+    "Restore the centres (in place) and their optimizer state"
+    if self.learn is not None:
+        with torch.no_grad():
+            for (_, t, _), c in zip(self._terms(), sd['centers']): t.centers.copy_(c)
+    self.n_steps = sd.get('n_steps', 0)
+    self.center_opt, self._pending_opt_state = None, sd['opt']
+    if self.learn is not None: self._get_opt()
 
 # %% ../nbs/03_callbacks.ipynb #c1b7f8d8
 def stateful_callbacks(learn) -> list:
@@ -389,46 +404,56 @@ class NaNStop(Callback):
         self._n = self._first = None   # device counters: batches since the last check, and the first bad one among them
         self._positions, self._vals = [], None
 
-    def _term_values(self, loss) -> dict:
-        "The loss terms (`loss_func.last_tensors`, else `.last`) and the loss itself, as 0-d float tensors on the device"
-        lf = self.learn.loss_func
-        vals = getattr(lf, 'last_tensors', None)
-        if vals is None: vals = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
-        return {**{k: v.detach().float().reshape(()) for k, v in vals.items()}, 'loss': loss.detach().float().mean()}
+# %% ../nbs/03_callbacks.ipynb #c54d6dba
+@patch
+def _term_values(self:NaNStop, loss) -> dict:
+    "The loss terms (`loss_func.last_tensors`, else `.last`) and the loss itself, as 0-d float tensors on the device"
+    lf = self.learn.loss_func
+    vals = getattr(lf, 'last_tensors', None)
+    if vals is None: vals = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
+    return {**{k: v.detach().float().reshape(()) for k, v in vals.items()}, 'loss': loss.detach().float().mean()}
 
-    def after_loss(self):
-        if not self.training: return
-        loss = self.learn.loss
-        ok, vals = torch.isfinite(loss).all(), self._term_values(loss)
-        if not self._on_device:   # e.g. fastai's own optimizers: decide now, on the host (a sync every batch)
-            rank = _first_rank(not bool(ok), loss)
-            if rank is not None: self._stop((self.epoch, self.iter, self.train_iter), _from_rank(vals, rank), rank)
-            self.learn.loss_ok = ok
-            return
-        # a fused torch optimizer skips the step itself when `found_inf` is set: nothing here waits for the GPU
-        if self._n is None: self._n, self._first = loss.new_zeros((), dtype=torch.long), loss.new_full((), -1, dtype=torch.long)
-        new = (~ok) & (self._first < 0)
-        self._first = torch.where(new, self._n, self._first)
-        self._vals = vals if self._vals is None else {k: torch.where(new, v, self._vals.get(k, v)) for k, v in vals.items()}
-        self._n += 1
-        self._positions.append((self.epoch, self.iter, self.train_iter))
-        ok = _all_ranks(ok)   # the averaged gradients carry a NaN to every rank: every rank skips the step
-        self.learn.loss_ok, self.learn.opt.opt.found_inf = ok, (~ok).float()   # `loss_ok` is also read by `CenterLossOptimizer`
+# %% ../nbs/03_callbacks.ipynb #18217bd5
+@patch
+def after_loss(self:NaNStop):
+    if not self.training: return
+    loss = self.learn.loss
+    ok, vals = torch.isfinite(loss).all(), self._term_values(loss)
+    if not self._on_device:   # e.g. fastai's own optimizers: decide now, on the host (a sync every batch)
+        rank = _first_rank(not bool(ok), loss)
+        if rank is not None: self._stop((self.epoch, self.iter, self.train_iter), _from_rank(vals, rank), rank)
+        self.learn.loss_ok = ok
+        return
+    # a fused torch optimizer skips the step itself when `found_inf` is set: nothing here waits for the GPU
+    if self._n is None: self._n, self._first = loss.new_zeros((), dtype=torch.long), loss.new_full((), -1, dtype=torch.long)
+    new = (~ok) & (self._first < 0)
+    self._first = torch.where(new, self._n, self._first)
+    self._vals = vals if self._vals is None else {k: torch.where(new, v, self._vals.get(k, v)) for k, v in vals.items()}
+    self._n += 1
+    self._positions.append((self.epoch, self.iter, self.train_iter))
+    ok = _all_ranks(ok)   # the averaged gradients carry a NaN to every rank: every rank skips the step
+    self.learn.loss_ok, self.learn.opt.opt.found_inf = ok, (~ok).float()   # `loss_ok` is also read by `CenterLossOptimizer`
 
-    def check(self):
-        "Read the device-side record now (the one host sync, every `check_every` batches); stop if a rank saw a non-finite loss"
-        if self._first is None: return
-        n, big = max(1, num_distrib()), 2**40
-        key = torch.where(self._first >= 0, self._first, torch.full_like(self._first, big)) * n + rank_distrib()
-        if n > 1: key = -reduce(-key.reshape(1), 'max').reshape(())   # the lowest (first batch, rank) of all ranks
-        g = int(key)
-        if g < big * n: self._stop(self._positions[g // n], _from_rank(self._vals, g % n), g % n)
-        self._n.zero_(); self._positions = []
+# %% ../nbs/03_callbacks.ipynb #6019419a
+@patch
+def check(self:NaNStop):
+    "Read the device-side record now (the one host sync, every `check_every` batches); stop if a rank saw a non-finite loss"
+    if self._first is None: return
+    n, big = max(1, num_distrib()), 2**40
+    key = torch.where(self._first >= 0, self._first, torch.full_like(self._first, big)) * n + rank_distrib()
+    if n > 1: key = -reduce(-key.reshape(1), 'max').reshape(())   # the lowest (first batch, rank) of all ranks
+    g = int(key)
+    if g < big * n: self._stop(self._positions[g // n], _from_rank(self._vals, g % n), g % n)
+    self._n.zero_(); self._positions = []
 
-    def after_batch(self):
-        if self._on_device and self.training and len(self._positions) >= self.check_every: self.check()
-    def after_train(self):
-        if self._on_device: self.check()
+# %% ../nbs/03_callbacks.ipynb #b7b66fb3
+@patch
+def after_batch(self:NaNStop):
+    if self._on_device and self.training and len(self._positions) >= self.check_every: self.check()
+
+@patch
+def after_train(self:NaNStop):
+    if self._on_device: self.check()
 
 # %% ../nbs/03_callbacks.ipynb #55a17ae7
 @patch
@@ -480,33 +505,47 @@ class LossTermsRecorder(Callback):
     def before_train(self):
         # `_start`: where this epoch's batches begin (kept by a run resumed inside the epoch)
         self._rows, self._iters, self._names, self._start = [], [], None, ifnone(self._start, len(self.batches))
-    def after_batch(self):
-        lf = self.learn.loss_func
-        last = getattr(lf, 'last_tensors', None)
-        if last is None: last = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
-        if not last: return
-        if self._names is not None and tuple(last) != self._names: self._flush()   # the terms changed (rare)
-        self._names = tuple(last)
-        self._rows.append(torch.stack([v.detach().float().reshape(()) for v in last.values()]))   # stays on the device
-        self._iters.append(self.train_iter)
-    def _flush(self):
-        if not self._rows: return
-        vals = torch.stack(self._rows).tolist()   # one host sync for all the batches since the last flush
-        self.batches += [{'iter': i, **dict(zip(self._names, v))} for i, v in zip(self._iters, vals)]
-        self._rows, self._iters = [], []
-    def after_train(self):
-        self._flush()
-        rows, self._start = self.batches[self._start:], None
-        if not rows: return
-        names = list(dict.fromkeys(k for r in rows for k in r if k != 'iter'))
-        self.epochs.append({'epoch': self.epoch, **{k: float(np.mean([r[k] for r in rows if k in r])) for k in names}})
-    def state_dict(self):
-        self._flush()   # a checkpoint inside an epoch: its batches so far
-        return {'batches': [dict(b) for b in self.batches], 'epochs': [dict(e) for e in self.epochs], 'start': self._start}
-    def load_state_dict(self, sd):
-        self.batches, self.epochs, self._restored = [dict(b) for b in sd['batches']], [dict(e) for e in sd['epochs']], True
-        self._start = sd.get('start')
 
+# %% ../nbs/03_callbacks.ipynb #e0d80b15
+@patch
+def after_batch(self:LossTermsRecorder):
+    lf = self.learn.loss_func
+    last = getattr(lf, 'last_tensors', None)
+    if last is None: last = {k: torch.as_tensor(v) for k, v in (getattr(lf, 'last', None) or {}).items()}
+    if not last: return
+    if self._names is not None and tuple(last) != self._names: self._flush()   # the terms changed (rare)
+    self._names = tuple(last)
+    self._rows.append(torch.stack([v.detach().float().reshape(()) for v in last.values()]))   # stays on the device
+    self._iters.append(self.train_iter)
+
+@patch
+def _flush(self:LossTermsRecorder):
+    if not self._rows: return
+    vals = torch.stack(self._rows).tolist()   # one host sync for all the batches since the last flush
+    self.batches += [{'iter': i, **dict(zip(self._names, v))} for i, v in zip(self._iters, vals)]
+    self._rows, self._iters = [], []
+
+# %% ../nbs/03_callbacks.ipynb #6ed7d53a
+@patch
+def after_train(self:LossTermsRecorder):
+    self._flush()
+    rows, self._start = self.batches[self._start:], None
+    if not rows: return
+    names = list(dict.fromkeys(k for r in rows for k in r if k != 'iter'))
+    self.epochs.append({'epoch': self.epoch, **{k: float(np.mean([r[k] for r in rows if k in r])) for k in names}})
+
+# %% ../nbs/03_callbacks.ipynb #d1ae4079
+@patch
+def state_dict(self:LossTermsRecorder):
+    self._flush()   # a checkpoint inside an epoch: its batches so far
+    return {'batches': [dict(b) for b in self.batches], 'epochs': [dict(e) for e in self.epochs], 'start': self._start}
+
+@patch
+def load_state_dict(self:LossTermsRecorder, sd):
+    self.batches, self.epochs, self._restored = [dict(b) for b in sd['batches']], [dict(e) for e in sd['epochs']], True
+    self._start = sd.get('start')
+
+# %% ../nbs/03_callbacks.ipynb #f72452a7
 def plot_loss_terms(learn, per:str='batch', # 'batch' (smoothed) or 'epoch' (means)
                     beta:float=0.9, # smoothing of the batch curves (fastai's debiased moving average)
                     terms=None, # which terms (default: all)
@@ -580,6 +619,7 @@ def _to_host(args, kwargs) -> bool:
     src = args[0] if args and torch.is_tensor(args[0]) else None
     return dev is not None and torch.device(dev).type == 'cpu' and src is not None and src.device.type != 'cpu'
 
+# %% ../nbs/03_callbacks.ipynb #e96201ce
 class HostSyncLog(TorchFunctionMode):
     "Record the tensor calls that make the host wait for the device (`.item()`, `bool()`, `.tolist()`, `.cpu()`, mask indexing, ...) and where"
     def __init__(self): super().__init__(); self.calls = []   # (op, 'file:line')
@@ -596,6 +636,7 @@ def _caller() -> str:
     while f is not None and (f'{os.sep}torch{os.sep}' in f.f_code.co_filename or f.f_code.co_filename == _caller.__code__.co_filename): f = f.f_back
     return f"{f.f_code.co_filename}:{f.f_lineno}" if f is not None else '?'
 
+# %% ../nbs/03_callbacks.ipynb #cb75ef45
 class SyncProbe(Callback):
     "Log every host-synchronising tensor call made during the training batches of a fit in `self.log` (a `HostSyncLog`)"
     order = -100 # first in every event: starts before the others' `before_train`, stops before their `after_train`
@@ -608,4 +649,3 @@ class SyncProbe(Callback):
     def calls_from(self, pattern:str='reid_fastai') -> list:
         "The logged calls made from files whose path contains `pattern`"
         return [c for c in self.log.calls if pattern in c[1]]
-

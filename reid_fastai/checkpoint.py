@@ -59,6 +59,7 @@ def _load_loss_state(learn, sd):
     lf = learn.loss_func
     if sd is not None and isinstance(lf, nn.Module): lf.load_state_dict(sd)
 
+# %% ../nbs/03a_checkpoint.ipynb #efe50a35
 def _recorder_state(learn) -> dict|None:
     "fastai's `Recorder`: its records and its smoothed loss, which a resumed run continues instead of starting again"
     rec = getattr(learn, 'recorder', None)
@@ -73,10 +74,12 @@ def _load_recorder(learn, st:dict|None):
     rec.values, rec.losses, rec.lrs, rec.iters = [L(v) for v in st['values']], list(st['losses']), list(st['lrs']), list(st['iters'])
     rec.smooth_loss.val, rec.smooth_loss.count = st['smooth'].clone(), st['count']
 
+# %% ../nbs/03a_checkpoint.ipynb #4228e2a7
 def _per_rank(st) -> list:
     "`st` of every rank, in rank order (one all-gather under N processes)"
     return gather_object([st]) if num_distrib() > 1 else [st]
 
+# %% ../nbs/03a_checkpoint.ipynb #7dd75b9d
 CHECKPOINT_VERSION = 2   # 1: `ReIDCheckpoint` files before the position (epoch, batch) and the `Recorder` were saved
 
 def checkpoint_state(learn, start_epoch:int, # the epoch the run continues in (0-based)
@@ -160,6 +163,7 @@ class _ResumedLoader:
         self.at_boundary()
         yield from it
 
+# %% ../nbs/03a_checkpoint.ipynb #ae14461a
 class ResumeState(SkipEpochs):
     "One-shot callback added by `resume_from`: restores counters, loss scale, `Recorder` and random states in the fit, skips what was done"
     def __init__(self, state:dict):
@@ -170,32 +174,42 @@ class ResumeState(SkipEpochs):
         v = self.state.get(key)
         if not v: return self.state.get('rng') if key == 'rank_rng' else None
         return v[rank_distrib()] if len(v) == max(1, num_distrib()) else v[0]
-    def before_fit(self):
-        self._active = in_fit(self.learn) # not for a `validate`/`get_preds` between `resume_from` and `fit`
-        if not self._active: return
-        st = self.state
-        for cb in stateful_callbacks(self.learn): # callbacks passed to `fit` were not there when `resume_from` ran
-            if cb.name in st['cbs']: cb.load_state_dict(st['cbs'][cb.name])
-        _load_recorder(self.learn, st.get('recorder'))   # after `Recorder.before_fit` (50) reset it
-        self.learn.train_iter, self.learn.epoch = st['train_iter'], self.start   # some callbacks look at the epoch before the first
-        scaler = getattr(self.learn, 'scaler', None)
-        if st.get('scaler') and scaler is not None and scaler.is_enabled(): scaler.load_state_dict(st['scaler'])
-        self._rng_done = False
     def before_epoch(self):
         if self._active: super().before_epoch()
     def after_epoch(self):
         if self._active: super().after_epoch()
-    def before_train(self):
-        if not self._active or self._rng_done: return
-        self._rng_done = True
-        if not self.start_iter: return set_rng_states(self.rng('rank_rng'), self.learn.dls)
-        set_rng_states(self.rng('epoch_rng'), self.learn.dls)   # the epoch's start: the same batches in the same order
-        self.learn.pct_train += self.start_iter / (len(self.dl) * self.n_epoch)
-        self.learn.dl = _ResumedLoader(self.learn.dl, self.start_iter, partial(set_rng_states, self.rng('rank_rng')))
-    def before_batch(self):   # after `one_batch` numbered the batch from 0: the numbers of the interrupted run
-        if self._active and self.training and self.epoch == self.start: self.learn.iter += self.start_iter
-    def after_fit(self):
-        if self._active: self.learn.remove_cb(self)
+
+# %% ../nbs/03a_checkpoint.ipynb #e22a2a06
+@patch
+def before_fit(self:ResumeState):
+    self._active = in_fit(self.learn) # not for a `validate`/`get_preds` between `resume_from` and `fit`
+    if not self._active: return
+    st = self.state
+    for cb in stateful_callbacks(self.learn): # callbacks passed to `fit` were not there when `resume_from` ran
+        if cb.name in st['cbs']: cb.load_state_dict(st['cbs'][cb.name])
+    _load_recorder(self.learn, st.get('recorder'))   # after `Recorder.before_fit` (50) reset it
+    self.learn.train_iter, self.learn.epoch = st['train_iter'], self.start   # some callbacks look at the epoch before the first
+    scaler = getattr(self.learn, 'scaler', None)
+    if st.get('scaler') and scaler is not None and scaler.is_enabled(): scaler.load_state_dict(st['scaler'])
+    self._rng_done = False
+
+# %% ../nbs/03a_checkpoint.ipynb #a4e8fd1f
+@patch
+def before_train(self:ResumeState):
+    if not self._active or self._rng_done: return
+    self._rng_done = True
+    if not self.start_iter: return set_rng_states(self.rng('rank_rng'), self.learn.dls)
+    set_rng_states(self.rng('epoch_rng'), self.learn.dls)   # the epoch's start: the same batches in the same order
+    self.learn.pct_train += self.start_iter / (len(self.dl) * self.n_epoch)
+    self.learn.dl = _ResumedLoader(self.learn.dl, self.start_iter, partial(set_rng_states, self.rng('rank_rng')))
+
+@patch
+def before_batch(self:ResumeState):   # after `one_batch` numbered the batch from 0: the numbers of the interrupted run
+    if self._active and self.training and self.epoch == self.start: self.learn.iter += self.start_iter
+
+@patch
+def after_fit(self:ResumeState):
+    if self._active: self.learn.remove_cb(self)
 
 # %% ../nbs/03a_checkpoint.ipynb #4f8849b5
 def resume_from(learn, path='checkpoints', device=None) -> int:
@@ -229,36 +243,35 @@ class ReIDCheckpoint(Callback):
         if not in_fit(self.learn): return
         self.learn.interrupted, self._signal, self._acted = None, None, False
         self._install()
-    def before_epoch(self): self._trained = False
-    def before_train(self):
-        self._trained = True # not reached by epochs skipped on resume
-        rs = self.learn._grab_cbs(ResumeState)   # where this epoch's batches come from, for a checkpoint inside it
-        self._epoch_rng = rs[0].rng('epoch_rng') if rs and rs[0].start_iter and self.epoch == rs[0].start else rng_states(self.learn.dls)
 
-    def after_batch(self):
-        if not self.training or self.iter + 1 >= len(self.dl): return   # after the last batch, the epoch ends first
-        if num_distrib() > 1 and self.train_iter % self.check_every: return
-        if self._stopping(): self._stop(self.epoch, self.iter + 1)
-    def after_epoch(self):
-        if not self._trained or getattr(self.learn, 'nan_stop', None): return
-        stop = self._stopping()
-        if stop or (self.epoch+1) % self.every == 0 or self.epoch == self.n_epoch-1: self.save(self.epoch + 1)
-        if stop: self._stop(self.epoch + 1, 0)
     def after_fit(self):
         if not in_fit(self.learn): return
         self._uninstall()
         if self._signal and not self._acted:   # asked too late to act on (the last epoch was done): say so all the same
             self._record(self.saved[-1] if self.saved else None, self.epoch + 1, 0)
 
-    def save(self, epoch:int, it:int=0) -> Path:
-        "Write the checkpoint that continues at batch `it` of epoch `epoch` (0-based) now"
-        file = self.dir/(f'{self.fname}_{epoch:03d}' + (f'_b{it:04d}' if it else '') + '.pth')
-        save_checkpoint(self.learn, file, epoch, it, epoch_rng=self._epoch_rng if it else None)
-        if self.keep_last and not rank_distrib():
-            for old in self.dir.glob(f'{self.fname}_*.pth'):   # also the one a resumed run started from
-                if old != file: old.unlink()
-        self.saved = ([] if self.keep_last else self.saved) + [file]
-        return file
+# %% ../nbs/03a_checkpoint.ipynb #6d014173
+@patch
+def before_epoch(self:ReIDCheckpoint): self._trained = False
+
+@patch
+def before_train(self:ReIDCheckpoint):
+    self._trained = True # not reached by epochs skipped on resume
+    rs = self.learn._grab_cbs(ResumeState)   # where this epoch's batches come from, for a checkpoint inside it
+    self._epoch_rng = rs[0].rng('epoch_rng') if rs and rs[0].start_iter and self.epoch == rs[0].start else rng_states(self.learn.dls)
+
+@patch
+def after_batch(self:ReIDCheckpoint):
+    if not self.training or self.iter + 1 >= len(self.dl): return   # after the last batch, the epoch ends first
+    if num_distrib() > 1 and self.train_iter % self.check_every: return
+    if self._stopping(): self._stop(self.epoch, self.iter + 1)
+
+@patch
+def after_epoch(self:ReIDCheckpoint):
+    if not self._trained or getattr(self.learn, 'nan_stop', None): return
+    stop = self._stopping()
+    if stop or (self.epoch+1) % self.every == 0 or self.epoch == self.n_epoch-1: self.save(self.epoch + 1)
+    if stop: self._stop(self.epoch + 1, 0)
 
 # %% ../nbs/03a_checkpoint.ipynb #3a73e981
 @patch
@@ -323,6 +336,18 @@ def _install(self:ReIDCheckpoint):
 def _uninstall(self:ReIDCheckpoint):
     for s, h in self._old.items(): signal.signal(s, h)
     self._old = {}
+
+# %% ../nbs/03a_checkpoint.ipynb #5fc5620d
+@patch
+def save(self:ReIDCheckpoint, epoch:int, it:int=0) -> Path:
+    "Write the checkpoint that continues at batch `it` of epoch `epoch` (0-based) now"
+    file = self.dir/(f'{self.fname}_{epoch:03d}' + (f'_b{it:04d}' if it else '') + '.pth')
+    save_checkpoint(self.learn, file, epoch, it, epoch_rng=self._epoch_rng if it else None)
+    if self.keep_last and not rank_distrib():
+        for old in self.dir.glob(f'{self.fname}_*.pth'):   # also the one a resumed run started from
+            if old != file: old.unlink()
+    self.saved = ([] if self.keep_last else self.saved) + [file]
+    return file
 
 # %% ../nbs/03a_checkpoint.ipynb #86921b6f
 class TrainingInterrupted(KeyboardInterrupt):

@@ -62,6 +62,7 @@ def shard_test_loader(dl, rank:int|None=None, world_size:int|None=None) -> tuple
     mine = [i for s in starts[rank::world_size] for i in range(s, min(s + bs, len(idxs)))]
     return dl.new(get_idxs=_FixedIdxs([idxs[i] for i in mine]), shuffle=False), mine
 
+# %% ../nbs/04a_distributed.ipynb #ffc61b6c
 class _Precomputed(nn.Module):
     "Stands in for the model in `evaluate_reid` once the features are known: returns its input, on `device`"
     def __init__(self, device):
@@ -69,6 +70,7 @@ class _Precomputed(nn.Module):
         self.register_buffer('_where', torch.zeros(0, device=device))
     def forward(self, x): return x
 
+# %% ../nbs/04a_distributed.ipynb #0443cf5d
 EVAL_MODES = ('gather', 'rank0')
 
 def _gathered(parts, model, dls, normalize, **kwargs):
@@ -81,6 +83,7 @@ def _gathered(parts, model, dls, normalize, **kwargs):
     return evaluate_reid(_Precomputed(dev), dls, dl=[(feats.to(dev), pids.to(dev), camids.to(dev))], flip=False,
                          normalize=normalize, **kwargs)
 
+# %% ../nbs/04a_distributed.ipynb #026e3961
 def distributed_evaluate(model, dls, mode:str='gather', # 'gather': every rank extracts some test batches; 'rank0': rank 0 alone
                          dl=None, # the test loader (default `dls.valid`, queries first)
                          **kwargs, # `evaluate_reid` arguments (flip, normalize, metric, rerank, ...)

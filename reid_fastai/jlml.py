@@ -37,6 +37,7 @@ def _geometry(m):
     def row(v): return v[0] if isinstance(v, (tuple, list)) else v
     return row(m.kernel_size), row(m.stride), row(m.padding), row(getattr(m, 'dilation', 1))
 
+# %% ../nbs/01a_jlml.ipynb #d4c2f5f5
 def _block_paths(m):
     "The main path and the shortcut of a ResNet block, which are added"
     if getattr(m, 'se', None) is not None and not isinstance(m.se, nn.Identity):
@@ -44,6 +45,7 @@ def _block_paths(m):
     main = [c for n, c in m.named_children() if n not in ('downsample', 'se', 'drop_path')]   # in forward order
     return nn.Sequential(*main), m.downsample if m.downsample is not None else nn.Identity()
 
+# %% ../nbs/01a_jlml.ipynb #4cb799fa
 def _rows_out(m, h: int) -> int:
     "Height of the output of `m` for an input `h` rows tall"
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
@@ -54,6 +56,7 @@ def _rows_out(m, h: int) -> int:
     if _is_pointwise(m): return h
     raise NotImplementedError(f"JLML cannot follow the rows through {type(m).__name__}")
 
+# %% ../nbs/01a_jlml.ipynb #e3418a41
 def _rows_needed(m, a: int, b: int) -> tuple:
     "The input rows `(first, last)` that output rows `a..b` of `m` read (beyond the edges: zero padding)"
     if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import math, os, warnings
 import numpy as np, pandas as pd, torch
-from fastcore.basics import ifnone
+from fastcore.basics import ifnone, patch
 from fastai.torch_core import default_device, show_image, rank_distrib, num_distrib
 from fastai.data.core import Datasets, TfmdDL, DataLoaders
 from fastai.data.transforms import ItemGetter
@@ -122,11 +122,6 @@ class ReIDBalancedDL(ReIDTestDL):
         self.vocab = np.asarray(ifnone(vocab, np.unique(labels)))
         super().__init__(dataset, bs=ifnone(bs, p*k) if not shuffle else p*k, shuffle=shuffle, drop_last=drop_last if not shuffle else True, **kwargs)
 
-    @property
-    def ranks(self) -> tuple:
-        "(rank, number of ranks) it draws for"
-        own = self.__dict__   # (a loader unpickled from an older export.pkl has neither)
-        return ifnone(own.get('rank'), rank_distrib()), ifnone(own.get('world_size'), max(1, num_distrib()))
     def __len__(self):
         if not self.shuffle: return super().__len__()
         return len(self.labels) // (self.p * self.k * self.ranks[1])   # the same on every rank, as DDP needs
@@ -146,22 +141,29 @@ class ReIDBalancedDL(ReIDTestDL):
                   world_size=self.__dict__.get('world_size'))
         return super().new(dataset, cls, **{**kw, **kwargs})
 
-    def show_batch(self, b=None, max_ids:int=8, ids_per_row:int=2, figsize=None, **kwargs):
-        "Show a batch grouped by identity: rows of `ids_per_row` identities x K images, titled 'id · cam'"
-        imgs, labels, cams = self._decoded(ifnone(b, self.one_batch()))
-        seen = {}
-        for i, l in enumerate(labels.tolist()): seen.setdefault(l, []).append(i)
-        groups = list(seen.values())[:max_ids]
-        k = max(len(g) for g in groups)
-        imgs_, titles = [], []
-        for g in groups:
-            for j in range(k):
-                if j < len(g): imgs_.append(imgs[g[j]]); titles.append(f'id {self.vocab[labels[g[j]]]} · cam {int(cams[g[j]])}')
-                else: imgs_.append(torch.zeros_like(imgs[0])); titles.append('')
-        ids_per_row = min(ids_per_row, len(groups))
-        _show_grid(imgs_, titles, math.ceil(len(groups)/ids_per_row), ids_per_row*k, figsize)
+# %% ../nbs/00b_loaders.ipynb #2f681fe6
+@patch(as_prop=True)
+def ranks(self:ReIDBalancedDL) -> tuple:
+    "(rank, number of ranks) it draws for"
+    own = self.__dict__   # (a loader unpickled from an older export.pkl has neither)
+    return ifnone(own.get('rank'), rank_distrib()), ifnone(own.get('world_size'), max(1, num_distrib()))
 
-
+# %% ../nbs/00b_loaders.ipynb #bb2a307f
+@patch
+def show_batch(self:ReIDBalancedDL, b=None, max_ids:int=8, ids_per_row:int=2, figsize=None, **kwargs):
+    "Show a batch grouped by identity: rows of `ids_per_row` identities x K images, titled 'id · cam'"
+    imgs, labels, cams = self._decoded(ifnone(b, self.one_batch()))
+    seen = {}
+    for i, l in enumerate(labels.tolist()): seen.setdefault(l, []).append(i)
+    groups = list(seen.values())[:max_ids]
+    k = max(len(g) for g in groups)
+    imgs_, titles = [], []
+    for g in groups:
+        for j in range(k):
+            if j < len(g): imgs_.append(imgs[g[j]]); titles.append(f'id {self.vocab[labels[g[j]]]} · cam {int(cams[g[j]])}')
+            else: imgs_.append(torch.zeros_like(imgs[0])); titles.append('')
+    ids_per_row = min(ids_per_row, len(groups))
+    _show_grid(imgs_, titles, math.ceil(len(groups)/ids_per_row), ids_per_row*k, figsize)
 
 # %% ../nbs/00b_loaders.ipynb #9125e840
 class _ToDeviceNonBlocking(Transform):
@@ -184,6 +186,7 @@ def _to(t:torch.Tensor, device) -> torch.Tensor:
     if device.type == 'cuda' and t.device.type == 'cpu': return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
+# %% ../nbs/00b_loaders.ipynb #e46ae418
 class CachedItems:
     "The items of a cached loader: decoded images and their targets; item `i` is just `i`, a batch is one gather"
     n_inp = 1   # the image is the input, the targets are the rest (what fastai's `Learner` splits a batch by)
@@ -194,15 +197,22 @@ class CachedItems:
         self.targets = tuple(t.to(images.device) for t in targets)   # gathered where the images are
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return i
-    def gather(self, idxs) -> tuple:
-        "`(TensorImage(images[idxs]), *(t[idxs] for t in targets))` on `device`"
-        idx = _to(torch.as_tensor(idxs, dtype=torch.long), self.images.device)
-        return tuple(_to(t.index_select(0, idx), self.device) for t in (self.images, *self.targets))
-    def new_empty(self):
-        "No images (what `Learner.export` keeps): the cache stays out of `export.pkl`"
-        empty = lambda t: t.new_empty((0, *t.shape[1:]), device='cpu')   # not `t[:0]`: a view would pickle the whole cache
-        return CachedItems(empty(self.images), *map(empty, self.targets), device=self.device, split_idx=self.split_idx)
 
+# %% ../nbs/00b_loaders.ipynb #88b816af
+@patch
+def gather(self:CachedItems, idxs) -> tuple:
+    "`(TensorImage(images[idxs]), *(t[idxs] for t in targets))` on `device`"
+    idx = _to(torch.as_tensor(idxs, dtype=torch.long), self.images.device)
+    return tuple(_to(t.index_select(0, idx), self.device) for t in (self.images, *self.targets))
+
+# %% ../nbs/00b_loaders.ipynb #0d8c28b3
+@patch
+def new_empty(self:CachedItems):
+    "No images (what `Learner.export` keeps): the cache stays out of `export.pkl`"
+    empty = lambda t: t.new_empty((0, *t.shape[1:]), device='cpu')   # not `t[:0]`: a view would pickle the whole cache
+    return CachedItems(empty(self.images), *map(empty, self.targets), device=self.device, split_idx=self.split_idx)
+
+# %% ../nbs/00b_loaders.ipynb #ba21bbf7
 class CachedBatches:
     "Mixin for a fastai `DataLoader` over `CachedItems`: each batch is one gather from the cache, no per-item work"
     def do_item(self, s): return 0 if s is None else s
@@ -216,9 +226,6 @@ class ReIDCachedTestDL(CachedBatches, ReIDTestDL):
 
 class ReIDCachedBalancedDL(CachedBatches, ReIDBalancedDL):
     "`ReIDBalancedDL` over decoded images (`CachedItems`): P x K batches gathered from the cache and augmented on the device"
-
-
-
 
 # %% ../nbs/00b_loaders.ipynb #ae337d01
 class LoadImage(Transform):

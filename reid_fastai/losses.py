@@ -13,6 +13,7 @@ import functools, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 # %% ../nbs/02_losses.ipynb #ccbdf18d
 def _upcast(x):
@@ -254,6 +255,7 @@ def _circle_logits(s_p, s_n, m, gamma):
     a_n = F.relu(s_n.detach() + m)
     return -gamma * a_p * (s_p - (1 - m)), gamma * a_n * (s_n - m)
 
+# %% ../nbs/02_losses.ipynb #cb9f7162
 class CircleLoss(LossTerm):
     "Pair-wise circle loss (Sun et al. 2020) on the cosine similarities of the batch features; mean over anchors."
     input = 'feat'
@@ -280,6 +282,7 @@ class CircleLoss(LossTerm):
 
     def extra_repr(self): return f"m={self.m}, gamma={self.gamma}, per_anchor={self.per_anchor}, input={self.input!r}"
 
+# %% ../nbs/02_losses.ipynb #6b9ae09b
 class ClassCircleLoss(LossTerm):
     "Class-wise circle loss on cosine-classifier `logits` in [-1, 1]: a margin softmax with self-paced weights, label smoothing `eps`."
     input = 'logits'
@@ -360,52 +363,60 @@ class ReIDLoss(nn.Module):
             self.terms[name], self.weights[name] = loss, float(weight)
         self._last = {}
 
-    def _to_device(self, device):
-        p = next(self.parameters(), None)
-        if p is not None and p.device != device: self.to(device)
-
-    def forward(self, out, pid, camid=None, *rest):
-        if not isinstance(out, dict):   # eval mode: retrieval features, no training loss
-            self._last = {}
-            return torch.tensor(float('nan'), device=getattr(out, 'device', None))
-        attrs = rest[0] if rest else None
-        self._to_device(pid.device)
-        last, total = {}, 0.
-        for name, term in self.terms.items():
-            if term.input not in out:
-                raise KeyError(f"term {name!r} reads out[{term.input!r}] but the model returned {list(out)}")
-            value = term(out[term.input], pid, camid, attrs=attrs).float()
-            total = total + self.weights[name] * value
-            last[name] = value.detach()
-        if out.get('reg') is not None:
-            total = total + out['reg'].float()
-            last['reg'] = out['reg'].detach()
-        last['total'] = total.detach()
-        self._last = last
-        return total
-
-    @property
-    def last_tensors(self) -> dict:
-        "The values of the last call as detached 0-d tensors on the device: reading them costs no host sync."
-        return dict(self._last)
-
-    @property
-    def last(self) -> dict:
-        "The values of the last call as floats, `{term: value (unweighted), 'reg': value, 'total': value}` (one host sync)."
-        if not self._last: return {}
-        return dict(zip(self._last, torch.stack([v.float().reshape(()) for v in self._last.values()]).tolist()))
-
-    def terms_of(self, cls) -> list:
-        "The terms that are instances of `cls`."
-        return [t for t in self.terms.values() if isinstance(t, cls)]
-
-    def center_params(self) -> list:
-        "The `CenterLoss` centres (for their own optimizer)."
-        return [t.centers for t in self.terms_of(CenterLoss)]
-
-    def trainable_params(self) -> list:
-        "Loss parameters the main optimizer must train: all but the centres (e.g. the verification classifier)."
-        centers = {id(p) for p in self.center_params()}
-        return [p for p in self.parameters() if id(p) not in centers]
-
     def extra_repr(self): return ', '.join(f"{k}: weight {w:g}" for k, w in self.weights.items())
+
+# %% ../nbs/02_losses.ipynb #0b25be05
+@patch
+def _to_device(self:ReIDLoss, device):
+    p = next(self.parameters(), None)
+    if p is not None and p.device != device: self.to(device)
+
+@patch
+def forward(self:ReIDLoss, out, pid, camid=None, *rest):
+    if not isinstance(out, dict):   # eval mode: retrieval features, no training loss
+        self._last = {}
+        return torch.tensor(float('nan'), device=getattr(out, 'device', None))
+    attrs = rest[0] if rest else None
+    self._to_device(pid.device)
+    last, total = {}, 0.
+    for name, term in self.terms.items():
+        if term.input not in out:
+            raise KeyError(f"term {name!r} reads out[{term.input!r}] but the model returned {list(out)}")
+        value = term(out[term.input], pid, camid, attrs=attrs).float()
+        total = total + self.weights[name] * value
+        last[name] = value.detach()
+    if out.get('reg') is not None:
+        total = total + out['reg'].float()
+        last['reg'] = out['reg'].detach()
+    last['total'] = total.detach()
+    self._last = last
+    return total
+
+# %% ../nbs/02_losses.ipynb #6d604108
+@patch(as_prop=True)
+def last_tensors(self:ReIDLoss) -> dict:
+    "The values of the last call as detached 0-d tensors on the device: reading them costs no host sync."
+    return dict(self._last)
+
+@patch(as_prop=True)
+def last(self:ReIDLoss) -> dict:
+    "The values of the last call as floats, `{term: value (unweighted), 'reg': value, 'total': value}` (one host sync)."
+    if not self._last: return {}
+    return dict(zip(self._last, torch.stack([v.float().reshape(()) for v in self._last.values()]).tolist()))
+
+# %% ../nbs/02_losses.ipynb #48ba40f5
+@patch
+def terms_of(self:ReIDLoss, cls) -> list:
+    "The terms that are instances of `cls`."
+    return [t for t in self.terms.values() if isinstance(t, cls)]
+
+@patch
+def center_params(self:ReIDLoss) -> list:
+    "The `CenterLoss` centres (for their own optimizer)."
+    return [t.centers for t in self.terms_of(CenterLoss)]
+
+@patch
+def trainable_params(self:ReIDLoss) -> list:
+    "Loss parameters the main optimizer must train: all but the centres (e.g. the verification classifier)."
+    centers = {id(p) for p in self.center_params()}
+    return [p for p in self.parameters() if id(p) not in centers]

