@@ -317,19 +317,27 @@ def _table_csvs(root:Path) -> tuple:
     return tables, others
 
 # %% ../nbs/00_data.ipynb #35b2f1f9
-def _detect_folders(root:Path, **kwargs):
+def _cameras_named(root:Path, layout:str, camid_from):
+    "`layout` reads every image's camera from its file name or list: a camera rule would be ignored, so it is refused"
+    if camid_from is not None:
+        raise ValueError(f"{root} is a {layout} dataset, whose file names give each image's camera: camid_from "
+                         f"(--camid-from) is only for a CSV without a camid column or one folder per identity; drop it")
+
+def _detect_folders(root:Path, camid_from=None, **kwargs):
     "The table of `root`'s folder layout (Market-style, MSMT17, CUHK03-NP, one folder per identity), or None"
     if _is_market(root):
         first = next((n for d in MARKET_DIRS.values() for n in _image_names(root/d)), None)
         for name, (rx, desc) in _NAME_PATTERNS.items():
             if first is not None and re.fullmatch(rx, first):
+                _cameras_named(root, name, camid_from)
                 return cuhk03np_df(root, **kwargs) if name == 'cuhk03np' else _market_style_df(root, name, drop_junk=name == 'market1501')
         raise ValueError(f"{root} has Market-style folders but file names like {first!r} match none of "
                          + ', '.join(f'{k} ({d})' for k, (_, d) in _NAME_PATTERNS.items()))
-    if (root/'list_train.txt').is_file(): return msmt17_df(root)
+    if (root/'list_train.txt').is_file(): _cameras_named(root, 'msmt17', camid_from); return msmt17_df(root)
     if any(_is_market(root/k) for k in ('detected', 'labeled')):
+        _cameras_named(root, 'cuhk03np', camid_from)
         return cuhk03np_df(root, **kwargs) if kwargs or _is_market(root/'detected') else cuhk03np_df(root, 'labeled')
-    if (root/'train').is_dir() and any(e.is_dir() for e in os.scandir(root/'train')): return folders_df(root, **kwargs)
+    if (root/'train').is_dir() and any(e.is_dir() for e in os.scandir(root/'train')): return folders_df(root, camid_from, **kwargs)
     return None
 
 def _detect(root:Path, **kwargs):

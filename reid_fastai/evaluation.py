@@ -258,7 +258,8 @@ def check_query_gallery(query_df:pd.DataFrame, # the query rows (pid, camid), or
     raise ReIDInputError(f"no query can be scored under the Market-1501 protocol, which counts only matches from another camera: "
                          f"the {what} {where}. Give images of each person from two or more cameras (a camid per image: the "
                          f"CSV's camid column, names such as 0001_c2s1_..., or --camid-from REGEX), or, for a single-camera "
-                         f"set, count same-camera matches too (reid_eval --same-camera-ok; Python: cross_camera=False)")
+                         f"set, count same-camera matches too (--same-camera-ok in reid_train and reid_eval; same_camera_ok=True in their "
+                         f"Python functions; cross_camera=False here)")
 
 # %% ../nbs/04_evaluation.ipynb #6bacfa27
 def _smallest_k(d, k):

@@ -137,10 +137,7 @@ def _train_table(data, # a dataset folder or CSV; None: the demo dataset (writte
     "(data, table): the re-ID table of `data`, its test set checked before any training (`check_query_gallery`)"
     if data is None: data = rank0_first(reid_demo.make_demo_dataset)
     df = reid_data.reid_df(data, **({'camid_from': camid_from} if camid_from else {}))
-    try: check_query_gallery(df, cross_camera=cross_camera)
-    except ReIDInputError as e:   # its way out names reid_eval's option: here it is reid_train's
-        raise ReIDInputError(str(e).replace('reid_eval --same-camera-ok; Python: cross_camera=False',
-                                            'reid_train --same-camera-ok; Python: same_camera_ok=True')) from None
+    check_query_gallery(df, cross_camera=cross_camera)
     return data, df
 
 # %% ../nbs/05c_train.ipynb #2c2ae15a
