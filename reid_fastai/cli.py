@@ -29,6 +29,7 @@ def _train_args(
     erase_p:float=None, # probability of random erasing per training image (default: the recipe's, 0.5)
     pad:int=None, # pad-and-crop by this many pixels (default 10; demo 2)
     camid_from:str=None, # a CSV without a camid column, or folder-per-identity data: a regular expression that reads the camera from file names, e.g. '_c(\d+)'
+    attributes:str=None, # the identities' attributes, for --recipe attr: Market-1501's market_attribute.mat, or a CSV with pid and one column of 0-based classes per attribute
     skip_bad_images:store_true=False, # leave out (and list) images that cannot be decoded instead of stopping
     resume:store_true=False, # continue from the newest checkpoint in OUT/checkpoints
     max_minutes:float=None, # wall-clock budget of the fit: trains the epochs that fit (schedule rescaled to them) and evaluates the last one

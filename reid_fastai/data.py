@@ -11,8 +11,8 @@ import numpy as np, pandas as pd
 # %% auto #0
 __all__ = ['SPLITS', 'IMAGE_EXTS', 'MARKET_DIRS', 'MARKET_DIRNAME', 'LAYOUTS', 'check_reid_df', 'reid_summary', 'market1501_df',
            'cache_home', 'data_dir', 'repo_root', 'market1501_path', 'dukemtmc_df', 'cuhk03np_df', 'msmt17_df',
-           'csv_df', 'folders_df', 'reid_df', 'market_attributes', 'ReIDInputError', 'folders_query_gallery_df',
-           'query_gallery_df', 'items_table']
+           'csv_df', 'folders_df', 'reid_df', 'market_attributes', 'attributes_table', 'ReIDInputError',
+           'folders_query_gallery_df', 'query_gallery_df', 'items_table']
 
 # %% ../nbs/00_data.ipynb #cbd316b4
 SPLITS = ('train', 'query', 'gallery')
@@ -384,6 +384,24 @@ def market_attributes(mat_path) -> pd.DataFrame:
         frames.append(d)
     df = pd.concat(frames)
     df.attrs['n_classes'] = {n: 4 if n == 'age' else 2 for n in df.columns}
+    return df
+
+# %% ../nbs/00_data.ipynb #a7f1c2d1
+def attributes_table(path) -> pd.DataFrame:
+    "Identity attributes from `market_attribute.mat` (`market_attributes`) or a CSV: pid, then one column of 0-based classes per attribute"
+    path = Path(path).expanduser()
+    if not path.is_file(): raise FileNotFoundError(f"attribute file {str(path)!r} does not exist")
+    if path.suffix.lower() == '.mat': return market_attributes(path)
+    if path.suffix.lower() != '.csv':
+        raise ValueError(f"attribute file {path.name}: give Market-1501's market_attribute.mat or a CSV (pid, then one column per attribute)")
+    df = pd.read_csv(path)
+    if 'pid' not in df.columns or len(df.columns) < 2:
+        raise ValueError(f"{path} has columns {', '.join(map(str, df.columns))}: it needs pid, then one column per attribute")
+    df = df.set_index('pid').fillna(-100)   # an empty cell: that identity is not labelled for that attribute
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c]) or not (df[c] == df[c].round()).all()]
+    if bad: raise ValueError(f"{path}: attribute columns {bad} are not integer class indices (0, 1, ...; -100 or empty: not labelled)")
+    df = df.astype('int64')
+    df.attrs['n_classes'] = {c: int(df[c].max()) + 1 for c in df.columns}   # classes 0..max: the labels seen
     return df
 
 # %% ../nbs/00_data.ipynb #62aaf577

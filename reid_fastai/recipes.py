@@ -90,7 +90,7 @@ _register(
        {'id': 1., 'verif': 1.}, model=_NO_TRICKS, loss=dict(label_smooth=0., verif_pos_weight=0.2, verif_dropout=0.9),
        data=_PLAIN_DATA),
     _r('attr', 'ID + attributes (APR, Lin et al. 2019): softmax ID loss + the mean CE of one head per attribute, their '
-       'L = 8 L_ID + mean L_att written 1 : 1/8; needs reid_dataloaders(attributes=...); last stride 2, no BNNeck, '
+       'L = 8 L_ID + mean L_att written 1 : 1/8; needs the attributes (reid_train --attributes FILE); last stride 2, no BNNeck, '
        'no LS/RE/AutoAugment', {'id': 1., 'attr': 0.125}, model=_NO_TRICKS, loss=dict(label_smooth=0.), data=_PLAIN_DATA),
     _r('camera', 'BoT with camera-aware batch-hard mining (bias k*std(D)/(1+m*t), k=5, m=0.1)',
        {'id': 1., 'triplet': 1., 'center': 0.0005}, loss=dict(camera_bias=dict(k=5., m=0.1)), data=_BOT_DATA, warmup_factor=0.01))

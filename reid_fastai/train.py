@@ -8,6 +8,7 @@ import warnings
 import difflib, json, math, os, sys, time
 from pathlib import Path
 import torch, timm
+import pandas as pd
 from fastcore.basics import ifnone, noop
 from fastcore.foundation import L
 from fastai.callback.core import Callback
@@ -140,14 +141,26 @@ def _train_table(data, # a dataset folder or CSV; None: the demo dataset (writte
     check_query_gallery(df, cross_camera=cross_camera)
     return data, df
 
+# %% ../nbs/05c_train.ipynb #b1e0a7c1
+def _train_attributes(r, attributes):
+    "The attribute table `r` trains on (`attributes_table` of the file, or a table), None for a recipe without attribute heads"
+    wants = 'attr' in r.terms
+    if attributes is None:
+        if wants: raise ReIDInputError(f"recipe {r.name!r} trains attribute heads: give the identities' attributes, --attributes FILE "
+                                       f"(Python: attributes=), Market-1501's market_attribute.mat or a CSV with pid and one column per attribute")
+        return None
+    if not wants: raise ReIDInputError(f"recipe {r.name!r} has no attribute heads, so --attributes would be ignored: drop it, or use "
+                                       f"a recipe that trains them (--recipe attr)")
+    return attributes if isinstance(attributes, pd.DataFrame) else reid_data.attributes_table(attributes)
+
 # %% ../nbs/05c_train.ipynb #2c2ae15a
-def _train_learner(df, r, cfg:dict, dev, resume:bool=False, main:bool=True, cbs=None):
-    "(learner, start epoch): the data loaders and `reid_learner` of `cfg`, resumed from the newest checkpoint with `resume`"
+def _train_learner(df, r, cfg:dict, dev, resume:bool=False, main:bool=True, cbs=None, attributes=None):
+    "(learner, start epoch): the data loaders (with `attributes`) and `reid_learner` of `cfg`, resumed from the newest checkpoint with `resume`"
     stats = pretrained_stats(cfg['arch'], cfg['pretrained'])   # normalise as the weights were trained (Lite: 0.5/0.5)
     # rank 0 builds the decoded-image cache, the others then read it
     dls = rank0_first(reid_dataloaders, df, p=cfg['p'], k=cfg['k'], size=tuple(cfg['size']), num_workers=cfg['workers'], seed=cfg['seed'],
                       device=dev, pipeline=cfg['pipeline'], stats=stats, bad_images='skip' if cfg['skip_bad_images'] else 'error',
-                      **cfg['dl_flags'])
+                      attributes=attributes, **cfg['dl_flags'])
     mp = None if str(cfg['mixed_precision']).lower() == 'none' else cfg['mixed_precision']
     out = Path(cfg['out'])
     learn = reid_learner(dls, cfg['arch'], r, pretrained=cfg['pretrained'], lr=cfg['lr'], mixed_precision=mp, eval_every=cfg['eval_every'],
@@ -187,7 +200,7 @@ def _train_results(learn, r, cfg:dict, dev, seconds:float) -> dict:
     "What results.json holds: the last evaluation's metrics, the epochs, timings, provenance, history, configuration and recipe"
     timer, hist, world = learn.train_timer, getattr(learn, 'reid_history', None) or [], cfg['world_size']
     final = next((h for h in reversed(hist) if 'error' not in h), {})
-    return dict(**{k: final.get(k) for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped')},
+    return dict(**{k: final.get(k) for k in ('R1', 'R5', 'R10', 'mAP', 'mINP', 'n_skipped') + (('attr_acc',) if 'attr_acc' in final else ())},
                 epochs=(final.get('epoch', -1) + 1) if final else 0, seconds=round(seconds, 1),
                 train_seconds=round(timer.seconds, 1), images_per_s=round(timer.images * world / max(timer.seconds, 1e-9), 1),
                 device=device_name(dev), git_commit=git_commit(), nan_stop=getattr(learn, 'nan_stop', None),
@@ -205,7 +218,7 @@ def _write_run(learn, res:dict, out:Path, title:str) -> None:
     if not nan: learn.export('export.pkl')
     if res['R1'] is None: return
     when = f"after {res['epochs']} epochs" if res['epochs'] else f"before training ({res['weights']})"
-    _say(f"{metrics_line(res)} {when} in {res['seconds']:.0f}s" + (f" ({res['images_per_s']} train images/s)" if res['epochs'] else '')
+    _say(f"{metrics_line(res, ('R1', 'mAP', 'mINP') + (('attr_acc',) if 'attr_acc' in res else ()))} {when} in {res['seconds']:.0f}s" + (f" ({res['images_per_s']} train images/s)" if res['epochs'] else '')
          + f" -> {out}")
 
 # %% ../nbs/05c_train.ipynb #e926e837
@@ -242,6 +255,7 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
                erase_p:float=None, # probability of random erasing per image (default: the recipe's)
                pad:int=None, # pad-and-crop pixels (default 10; demo 2)
                camid_from:str=None, # a CSV without camid column, or folder-per-identity data: a regular expression that reads the camera from the file name
+               attributes=None, # the identities' attributes for the `attr` recipe: market_attribute.mat, a CSV (pid, one column per attribute) or a table
                skip_bad_images:bool=False, # leave out (and list) images that cannot be decoded instead of stopping
                mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
                compile:bool=False, # `torch.compile` the model
@@ -265,14 +279,16 @@ def reid_train(data:str=None, # dataset folder or CSV in any layout `reid_df` re
     opts, chosen = _train_options(r, demo, dict(arch=arch, size=tuple(size) if size else None, p=p, k=k, epochs=epochs,
                                                 eval_every=eval_every, lr=lr, pretrained=pretrained, dl_kwargs=dl_kwargs))
     data, df = _train_table(data, camid_from, cross_camera=not same_camera_ok)
+    attrs = _train_attributes(r, attributes)
     cfg = dict(data=str(data), recipe=r.name, **opts, dl_flags=_data_flags(r, opts['dl_kwargs'], aa_p, erase_p, pad), out=str(out),
                seed=seed, workers=workers, pipeline=pipeline, threads=threads, max_minutes=max_minutes, mixed_precision=mixed_precision,
                compile=compile, checkpoint_every=checkpoint_every, rerank=rerank, ap_mode=ap_mode, cross_camera=not same_camera_ok,
-               device=str(dev), world_size=world, camid_from=camid_from, skip_bad_images=skip_bad_images)
+               device=str(dev), world_size=world, camid_from=camid_from, skip_bad_images=skip_bad_images,
+               attributes=None if attributes is None else str(attributes) if not isinstance(attributes, pd.DataFrame) else 'a table')
     if not quiet: _say_start(r, data, df, demo, chosen, cfg)
     set_seed(seed, reproducible=True)
     learn, start = _train_learner(df, r, cfg, dev, resume, main, cbs=[ReIDCheckpoint(every=checkpoint_every, path='checkpoints'),
-                                  TrainTimer()] + ([TimeBudget(max_minutes)] if max_minutes else []))
+                                  TrainTimer()] + ([TimeBudget(max_minutes)] if max_minutes else []), attributes=attrs)
     cfg.update(size=list(cfg['size']), pipeline=learn.dls.pipeline, threads=torch.get_num_threads())
     if not quiet: _say_device(dev, threads)
     t0 = time.perf_counter()

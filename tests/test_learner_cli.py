@@ -102,7 +102,13 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path, monkeypatch):
     one_cam = tmp_path/'one_cam.csv'
     reid_df(tiny_data).assign(camid=2).to_csv(one_cam, index=False)
     code, _, err = run('--data', one_cam)
-    assert code == 2 and 'all come from one camera (camid 2)' in err and 'reid_train --same-camera-ok' in err, err
+    assert code == 2 and 'all come from one camera (camid 2)' in err and '--same-camera-ok in reid_train' in err, err
+    code, _, err = run('--data', tiny_data, '--recipe', 'attr')   # the attr recipe without its attributes
+    assert code == 2 and "recipe 'attr' trains attribute heads" in err and '--attributes FILE' in err, err
+    code, _, err = run('--data', tiny_data, '--attributes', Path(tiny_data)/'attributes.csv')   # attributes no head would use
+    assert code == 2 and "recipe 'paper' has no attribute heads" in err, err
+    code, _, err = run('--data', tiny_data, '--recipe', 'attr', '--attributes', tmp_path/'attrs.mat')
+    assert code == 2 and 'attrs.mat' in err and 'does not exist' in err, err
     code, _, err = run('--data', tiny_data, '--batch-size', 64)
     assert (code, err) == (2, 'reid_train: error: unrecognized arguments: --batch-size 64 (reid_train --help lists the options)\n'), err
     assert not out.exists()
