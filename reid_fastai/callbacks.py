@@ -302,35 +302,43 @@ class ReIDEvalCallback(SkipValidation):
                                     metric=self.metric, rerank=self.rerank, cross_camera=getattr(self, 'cross_camera', True),
                                     **self.eval_kwargs)
 
-    def before_validate(self):
-        self._res = None
-        if self._in_fit and self._due():
-            try: self._res = {k: float(v) for k, v in self.evaluate().items()}
-            except ValueError as e:   # non-finite features or distances: say so, and log NaN rather than a score
-                if 'non-finite' not in str(e): raise
-                if not rank_distrib(): warnings.warn(f"ReIDEvalCallback: no evaluation at epoch {self.epoch}: {e}", RuntimeWarning)
-                self._res = {**{k: float('nan') for k in self.metrics}, 'error': str(e)}
-            self.history.append({'epoch': self.epoch, **self._res})
-            n_skip = int(self._res.get('n_skipped') or 0)
-            if n_skip and not self._told and not rank_distrib():   # the Market protocol skips them; say how many, once
-                why = ("no match from another camera in the gallery and are not scored (the Market-1501 protocol skips them)"
-                       if getattr(self, 'cross_camera', True) else "no match in the gallery and are not scored")
-                warnings.warn(f"ReIDEvalCallback: {n_skip} queries have {why}", RuntimeWarning); self._told = True
-        super().before_validate()
+# %% ../nbs/03_callbacks.ipynb #d4b7e2a1
+@patch
+def before_validate(self:ReIDEvalCallback):
+    self._res = None
+    if self._in_fit and self._due():
+        try: self._res = {k: float(v) for k, v in self.evaluate().items()}
+        except ValueError as e:   # non-finite features or distances: say so, and log NaN rather than a score
+            if 'non-finite' not in str(e): raise
+            if not rank_distrib(): warnings.warn(f"ReIDEvalCallback: no evaluation at epoch {self.epoch}: {e}", RuntimeWarning)
+            self._res = {**{k: float('nan') for k in self.metrics}, 'error': str(e)}
+        self.history.append({'epoch': self.epoch, **self._res})
+        n_skip = int(self._res.get('n_skipped') or 0)
+        if n_skip and not self._told and not rank_distrib():   # the Market protocol skips them; say how many, once
+            why = ("no match from another camera in the gallery and are not scored (the Market-1501 protocol skips them)"
+                   if getattr(self, 'cross_camera', True) else "no match in the gallery and are not scored")
+            warnings.warn(f"ReIDEvalCallback: {n_skip} queries have {why}", RuntimeWarning); self._told = True
+    super(ReIDEvalCallback, self).before_validate()   # a patched method has no `__class__` cell for a bare super()
 
-    def after_validate(self):
-        if not self._in_fit or not hasattr(self.learn, 'recorder'): return
-        res = self._res or {}
-        # '' (not NaN) for the epochs without evaluation: a blank in the progress table and in history.csv
-        self.learn.recorder.log += [res.get(k, '') for k in self.metrics]
+@patch
+def after_validate(self:ReIDEvalCallback):
+    if not self._in_fit or not hasattr(self.learn, 'recorder'): return
+    res = self._res or {}
+    # '' (not NaN) for the epochs without evaluation: a blank in the progress table and in history.csv
+    self.learn.recorder.log += [res.get(k, '') for k in self.metrics]
 
-    def after_fit(self):
-        if self._in_fit: self._restored = False
-        super().after_fit()
-    def state_dict(self): return {'history': [dict(h) for h in self.history]}
-    def load_state_dict(self, sd):
-        self.history, self._restored = [dict(h) for h in sd['history']], True
-        if self.learn is not None: self.learn.reid_history = self.history
+@patch
+def after_fit(self:ReIDEvalCallback):
+    if self._in_fit: self._restored = False
+    super(ReIDEvalCallback, self).after_fit()
+
+@patch
+def state_dict(self:ReIDEvalCallback): return {'history': [dict(h) for h in self.history]}
+
+@patch
+def load_state_dict(self:ReIDEvalCallback, sd):
+    self.history, self._restored = [dict(h) for h in sd['history']], True
+    if self.learn is not None: self.learn.reid_history = self.history
 
 # %% ../nbs/03_callbacks.ipynb #abd36898
 class TimeBudget(Callback):

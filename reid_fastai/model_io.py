@@ -206,6 +206,7 @@ def load_checkpoint_weights(model:nn.Module, # the network to load into, built w
     get_model(model).load_state_dict(sd, strict=True)
     return model
 
+# %% ../nbs/08_model_io.ipynb #c8a1d0e2
 def _run_info(file:Path) -> dict:
     "config and recipe of the reid_train run a checkpoint belongs to (`results.json` beside it or one folder up), or {}"
     for d in (file.parent, file.parent.parent):
@@ -225,6 +226,7 @@ def _recipe_from(info:dict, recipe):
         except TypeError: pass
     return get_recipe(info['recipe']) if info.get('recipe') else None
 
+# %% ../nbs/08_model_io.ipynb #c8a1d0e4
 def _from_checkpoint(file:Path, st:dict, arch, recipe, size, n_classes, stats, pretrained) -> ReIDModel:
     sd = checkpoint_weights(st)
     info = _run_info(file)
@@ -248,6 +250,7 @@ def _from_checkpoint(file:Path, st:dict, arch, recipe, size, n_classes, stats, p
     model.weights = info.get('init_weights') or f"unknown (checkpoint {file.name} without its results.json)"
     return _wrap(model, size, stats, file, arch, r, test_flip=_run_test_flip(info, r))
 
+# %% ../nbs/08_model_io.ipynb #c8a1d0e6
 def _read_model_file(file:Path):
     "('checkpoint', dict) or ('learner', Learner) or ('module', nn.Module): what is in `file`"
     try:
