@@ -16,7 +16,7 @@ with warnings.catch_warnings():  # fastai's import-time FutureWarning would prin
 
     from reid_fastai.data import ReIDInputError, items_table
     from reid_fastai.loaders import ReIDTestDL, reid_test_dl
-    from reid_fastai.models import pretrained_stats
+    from reid_fastai.models import pretrained_stats, check_arch
     from reid_fastai.checkpoint import load_checkpoint_file, checkpoint_weights, latest_checkpoint
     from reid_fastai.evaluation import embed_images
     from reid_fastai.recipes import Recipe, get_recipe, recipe_model
@@ -230,6 +230,7 @@ def _recipe_from(info:dict, recipe):
 def _from_checkpoint(file:Path, st:dict, arch, recipe, size, n_classes, stats, pretrained) -> ReIDModel:
     sd = checkpoint_weights(st)
     info = _run_info(file)
+    if arch is not None: check_arch(arch)   # a typo: named with timm's closest names, not as keys that do not fit
     arch, size = arch or info.get('arch'), size or info.get('size')
     r = _recipe_from(info, recipe)
     if arch is None or size is None or r is None:

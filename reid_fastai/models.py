@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_models.ipynb #b84ca4fa
 from __future__ import annotations
-import importlib, importlib.util, os, warnings
+import difflib, importlib, importlib.util, os, warnings
 from pathlib import Path
 from typing import TypedDict
 import torch
@@ -13,12 +13,21 @@ import torch.nn.functional as F
 import timm
 from timm.layers import SelectAdaptivePool2d
 from fastcore.basics import patch
+from .data import ReIDInputError
 
 # %% auto #0
-__all__ = ['DEFAULT_TAGS', 'LITE_PACKAGES', 'remove_last_stride', 'load_backbone_weights', 'weights_tag', 'WeightsUnavailable',
-           'resolve_pretrained', 'create_backbone', 'pretrained_stats', 'efficientnet_lite_weights',
-           'efficientnet_lite0_weights', 'GeM', 'make_pool', 'bn_neck', 'CosineClassifier', 'linear_classifier',
-           'ReIDOutput', 'retrieval_feature', 'ReIDNet', 'reid_splitter']
+__all__ = ['DEFAULT_TAGS', 'LITE_PACKAGES', 'check_arch', 'remove_last_stride', 'load_backbone_weights', 'weights_tag',
+           'WeightsUnavailable', 'resolve_pretrained', 'create_backbone', 'pretrained_stats',
+           'efficientnet_lite_weights', 'efficientnet_lite0_weights', 'GeM', 'make_pool', 'bn_neck', 'CosineClassifier',
+           'linear_classifier', 'ReIDOutput', 'retrieval_feature', 'ReIDNet', 'reid_splitter']
+
+# %% ../nbs/01_models.ipynb #e5c3a1b0
+def check_arch(arch:str) -> str:
+    "`arch` if timm knows it (a model name, or name.tag); else one line naming it and timm's closest names"
+    if isinstance(arch, str) and timm.is_model(arch): return arch
+    close = difflib.get_close_matches(str(arch), timm.list_models(), n=3)
+    raise ReIDInputError(f"arch {arch!r} is not a timm model" + (f" (did you mean {' or '.join(close)}?)" if close else '')
+                         + ": give a timm model name (--arch; timm.list_models() lists them)")
 
 # %% ../nbs/01_models.ipynb #e13ab0de
 def _last_strided_block(backbone: nn.Module) -> nn.Module:

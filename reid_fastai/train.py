@@ -19,7 +19,7 @@ from . import data as reid_data
 from . import demo as reid_demo
 from .data import ReIDInputError
 from .images import torch_threads
-from .models import pretrained_stats
+from .models import pretrained_stats, check_arch
 from .callbacks import TimeBudget
 from .checkpoint import ReIDCheckpoint, ResumableCSVLogger, TrainingInterrupted, resume_from, latest_checkpoint
 from .distributed import setup_distributed, distributed_context
@@ -30,8 +30,7 @@ from .learner import reid_learner, plot_training
 from .provenance import git_commit, device_name
 
 # %% auto #0
-__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'demo_preset', 'TrainTimer', 'EpochLines', 'check_arch',
-           'reid_train']
+__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'demo_preset', 'TrainTimer', 'EpochLines', 'reid_train']
 
 # %% ../nbs/05c_train.ipynb #193dd397
 # ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured on the demo after 6 epochs R1 0.21 /
@@ -87,13 +86,6 @@ class EpochLines:
 def _say(msg): print(f"reid_train: {msg}", flush=True)
 
 # %% ../nbs/05c_train.ipynb #266b0fee
-def check_arch(arch:str) -> str:
-    "`arch` if timm knows it (a model name, or name.tag); else one line naming it and timm's closest names"
-    if isinstance(arch, str) and timm.is_model(arch): return arch
-    close = difflib.get_close_matches(str(arch), timm.list_models(), n=3)
-    raise ReIDInputError(f"arch {arch!r} is not a timm model" + (f" (did you mean {' or '.join(close)}?)" if close else '')
-                         + ": give a timm model name (--arch; timm.list_models() lists them)")
-
 def _train_options(r, # the `Recipe`
                    demo:bool, # no data given: the demo preset's defaults
                    user:dict, # the options given (None: not given)
