@@ -38,7 +38,7 @@ def _train_args(
     same_camera_ok:store_true=False, # count same-camera matches in the evaluation, for a test set filmed by one camera (not the Market-1501 protocol; recorded in results.json)
     ap:str='match', # mAP definition: 'match' (torchreid, fast-reid) or 'devkit' (the official Market-1501 code)
     pipeline:str='auto', # data path: 'auto' (decoded cache if it fits in memory), 'cached' or 'pil'
-    workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the free cores)
+    workers:int=None, # PIL path: loader processes; cached path: decoding processes (default: the cores this process may use; PIL path at most 8)
     device:str=None, # 'cpu', 'cuda', 'cuda:1', ... (default: CUDA if available)
     mixed_precision:str='auto', # 'bf16', 'fp16', 'none' or 'auto' (bf16 on CUDA, fp32 on the CPU)
     compile:store_true=False, # torch.compile the model
@@ -172,7 +172,7 @@ def _eval_args(
     recipe:str=None, # ... and its recipe
     pretrained:str=None, # ... and its initial weights (they set the input normalisation), e.g. imagenet, lite0, none
     workers:int=0, # loader processes
-    threads:int=None, # torch CPU threads (default on the CPU: the free cores)
+    threads:int=None, # torch CPU threads (default on the CPU: $OMP_NUM_THREADS, else the cores this process may use)
     debug:store_true=False, # show the traceback of an error
 ):
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to --out"

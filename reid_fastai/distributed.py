@@ -14,7 +14,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import get_model, rank_distrib, num_distrib
 from fastai.distributed import DistributedTrainer
 from accelerate import PartialState
-from accelerate.utils import broadcast, broadcast_object_list
+from accelerate.utils import broadcast, broadcast_object_list, reduce
 from .loaders import ReIDBalancedDL, ReIDTestDL
 from .callbacks import ReIDEvalCallback
 from .evaluation import evaluate_reid, extract_features
@@ -127,12 +127,27 @@ def revert_sync_batchnorm(model:nn.Module, types:dict|None=None) -> nn.Module:
     return model
 
 # %% ../nbs/04a_distributed.ipynb #b85702f9
+def _loss_trainables(loss) -> list:
+    "The loss's parameters the main optimizer trains (the verification classifier; not the centres, see `CenterLossOptimizer`)"
+    ps = loss.trainable_params() if callable(getattr(loss, 'trainable_params', None)) else []
+    return [p for p in ps if p.requires_grad]
+
 class ReIDDistributedTrainer(DistributedTrainer):
-    "fastai's `DistributedTrainer` (model in DDP via accelerate) that leaves the re-ID loaders alone and undoes SyncBatchNorm after the fit"
+    "fastai's `DistributedTrainer` (model in DDP via accelerate) that leaves the re-ID loaders alone, trains the loss's own parameters on every rank alike and undoes SyncBatchNorm after the fit"
     def before_fit(self):
         self._bn_types = {n: type(m) for n, m in self.learn.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                           and not isinstance(m, nn.SyncBatchNorm)} if self.sync_bn else {}
         super().before_fit()
+        self._loss_params = _loss_trainables(self.learn.loss_func)
+        if self._loss_params: broadcast([p.detach() for p in self._loss_params])   # drawn at random per rank: rank 0's
+    def after_backward(self):
+        # DDP averages the gradients of the model it wraps; the loss's parameters are not in it, so they are averaged here,
+        # before any step (fp16's scaler steps in `before_step`): every rank then takes the same step
+        ps = getattr(self, '_loss_params', None)
+        if not ps: return
+        for p, mean in zip(ps, reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in ps], 'mean')):
+            if p.grad is None: p.grad = mean
+            else: p.grad.copy_(mean)
     def _wrap_dl(self, dl):
         # fastai's `DistributedDL` would re-shard the P x K train batches (`ReIDBalancedDL` draws this rank's) and broadcast
         # on CUDA; the test loader is evaluated by `distributed_evaluate`

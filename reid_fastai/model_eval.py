@@ -177,7 +177,7 @@ def reid_eval(model:str, # export.pkl, a ReIDCheckpoint .pth, or a reid_train ou
               recipe:str=None, # ... and its recipe
               pretrained:str=None, # ... and its initial weights (they set the input normalisation), e.g. imagenet, lite0, none
               workers:int=0, # loader processes
-              threads:int=None, # torch CPU threads (default on the CPU: the free cores)
+              threads:int=None, # torch CPU threads (default on the CPU: $OMP_NUM_THREADS, else the cores this process may use)
              ) -> dict:
     "Evaluate a trained re-ID model on a test set (Market-1501 protocol); print R1/mAP/mINP, write results.json and pictures to `out` (the `reid_eval` command)"
     try: dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))

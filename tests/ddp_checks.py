@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
-from reid_fastai.losses import ReIDLoss, TripletLoss, CenterLoss, CameraBias
+from reid_fastai.losses import ReIDLoss, TripletLoss, CenterLoss, CameraBias, VerificationLoss
 from fastai.torch_core import rank_distrib, num_distrib
 from reid_fastai.callbacks import (CenterLossOptimizer, CameraBiasSchedule, NaNStop, SkipValidation, TimeBudget, camera_biases,
                                    fit_warmup_multistep)
@@ -122,6 +122,29 @@ def check_centre_step(rank, world):
                                   moved=float((centres - init_centres).abs().max()), diff_vs_global_mining=diff_global,
                                   centre_steps=learn.center_loss_optimizer.n_steps)
     assert RESULTS['centre_step']['moved'] > 1e-3 and learn.center_loss_optimizer.n_steps == 1
+
+
+def check_loss_params(rank, world):
+    "The verification classifier, a loss parameter DDP does not wrap: rank 0's weights on every rank, then the same steps"
+    g = torch.Generator().manual_seed(3)
+    p, k, n_in, dim = 2, 4, 6, 5
+    pid = torch.arange(p * world).repeat_interleave(k)
+    x = torch.randn(len(pid), n_in, generator=g) + pid[:, None].float()
+    cam = torch.arange(len(pid)) % 3
+    mine = torch.arange(rank * p * k, (rank + 1) * p * k)
+    torch.manual_seed(10 + rank)   # a different head on each rank, on purpose
+    loss = ReIDLoss(triplet=TripletLoss(0.3), verif=VerificationLoss(dim))
+    head0 = gather(loss.terms['verif'].classifier.weight.detach().clone())[0]
+    model = Lin(n_in, dim)
+    dls = per_rank_dls([make_items(x[mine], pid[mine], cam[mine])] * 3)   # three steps
+    learn = Learner(dls, model, loss_func=loss, opt_func=reid_opt_func(), lr=1e-2, wd=0., cbs=[NaNStop(), SkipValidation()],
+                    splitter=lambda m: [list(m.parameters()) + loss.trainable_params()])   # as reid_splitter(model, loss) does
+    with learn.no_bar(), distributed_context(learn): learn.fit(1)
+    heads = gather(learn.loss_func.terms['verif'].classifier.weight.detach().clone())
+    assert all(torch.equal(h, heads[0]) for h in heads), 'every rank holds the same verification head'
+    moved = float((heads[0] - head0).abs().max())
+    assert moved > 1e-4, f'the head did not train ({moved})'
+    RESULTS['loss_params'] = dict(head_moved=moved)
 
 
 def check_counters(rank, world):
@@ -286,6 +309,7 @@ def main():
     rank, world = rank_distrib(), num_distrib()
     assert world == 2, 'run with torchrun --nproc_per_node 2'
     check_centre_step(rank, world)
+    check_loss_params(rank, world)
     check_counters(rank, world)
     check_nan_stop(rank, world, 'torch')
     check_nan_stop(rank, world, 'fastai')

@@ -2,7 +2,8 @@
 on the 16-identity demo data at 32x16 pixels (one thread per process, num_workers=0), and `--nproc_per_node 1`.
 
 - tests/ddp_checks.py: the centre step of two ranks equals a single-process step on the concatenated batch (1e-5), with
-  per-rank batch-hard mining, and no callback changes class; LR and camera-bias counters agree; a NaN on rank 1 stops
+  per-rank batch-hard mining, and no callback changes class; the verification head (a loss parameter DDP does not
+  wrap) starts from rank 0's weights and stays identical on both ranks as it trains; LR and camera-bias counters agree; a NaN on rank 1 stops
   both ranks within the one-minute collective timeout (fused and fastai optimizers, and a user's subclass of NaNStop);
   SIGTERM to rank 1 alone stops both ranks after the same batch with one checkpoint, and the run resumed from it ends
   as an uninterrupted one; TimeBudget stops both ranks; the gathered and the rank-0 evaluations equal a
@@ -76,7 +77,7 @@ def check_batches(rs, labels, epochs):
 
 
 def test_two_process_checks(demo, tmp_path):
-    "Centre step, counters, NaN and time stops, evaluation and SyncBatchNorm in two gloo processes (tests/ddp_checks.py)"
+    "Centre step, the loss's own parameters (verification head), counters, NaN and time stops, evaluation and SyncBatchNorm in two gloo processes (tests/ddp_checks.py)"
     res = torchrun(2, 'ddp_checks.py', '--data', demo, '--out', tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     assert 'ddp_checks: all passed' in res.stdout

@@ -69,6 +69,7 @@ def test_console_script(tiny_data, tmp_path, capsys):
     assert header.split() == ['epoch', 'train_loss', 'R1', 'R5', 'R10', 'mAP', 'mINP', 'time'], header
     assert len(lines) == 3 and lines[0].split()[2] == '-' and lines[1].split()[2] != '-', r.stdout
     assert '\r' not in r.stdout and 'defaults used' in r.stdout
+    assert ': 1 CPU threads (asked for)' in r.stdout, r.stdout   # the start-up line says the threads and why (--threads 1)
     assert r.stdout.splitlines()[-1].startswith(f"reid_train: R1 {100 * res['R1']:.1f}%  mAP {100 * res['mAP']:.1f}%"), r.stdout
     hist = (out/'history.csv').read_text().splitlines()
     assert hist[0].startswith('epoch,train_loss,R1') and len(hist) == 4
