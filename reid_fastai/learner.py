@@ -83,6 +83,9 @@ def _learner_kwargs(kwargs:dict) -> dict:
 def _model_options(r, dls, model_kwargs:dict|None) -> dict:
     "The model options: `model_kwargs`, and the attribute heads' sizes from `dls` for a recipe that trains them"
     opts = dict(model_kwargs or {})
+    if opts.get('n_attrs') and 'attr' not in r.terms:   # heads that no loss term would train, and an attr_acc of chance
+        raise ValueError(f"recipe {r.name!r} has no attribute loss, so n_attrs would build heads nothing trains: use a recipe "
+                         f"that trains them (recipe='attr') or leave n_attrs out")
     if 'attr' in r.terms:
         if not getattr(dls, 'n_attrs', None):
             raise ValueError(f"recipe {r.name!r} trains attribute heads: build the data with reid_dataloaders(..., attributes=...), "

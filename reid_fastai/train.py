@@ -30,7 +30,8 @@ from .learner import reid_learner, plot_training
 from .provenance import git_commit, device_name
 
 # %% auto #0
-__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'demo_preset', 'TrainTimer', 'EpochLines', 'reid_train']
+__all__ = ['DEMO_PRESET', 'DEMO_PRESET_SCRATCH', 'DATA_PRESET', 'PERCENT_METRICS', 'demo_preset', 'TrainTimer', 'EpochLines',
+           'reid_train']
 
 # %% ../nbs/05c_train.ipynb #193dd397
 # ImageNet EfficientNet-Lite0 weights (a pip package, no network) at 64x32: measured on the demo after 6 epochs R1 0.21 /
@@ -68,6 +69,8 @@ class TrainTimer(Callback):
         if torch.cuda.is_available(): torch.cuda.synchronize()
 
 # %% ../nbs/05c_train.ipynb #bcb8285c
+PERCENT_METRICS = ('R1', 'R5', 'R10', 'R20', 'mAP', 'mINP', 'attr_acc')   # fractions in results.json and history.csv, percent on screen
+
 class EpochLines:
     "A `learn.logger` that prints fastai's epoch log as one aligned line per epoch, with a header and '-' for blanks"
     def __init__(self, learn, file=None): self.learn, self.file, self._header = learn, file, False
@@ -76,10 +79,11 @@ class EpochLines:
         if list(map(str, log)) == names: return   # a header row (what a progress bar would print first)
         if not self._header:
             print('  '.join(f"{n:>10}" for n in names), file=self.file or sys.stdout, flush=True); self._header = True
-        print('  '.join(f"{self._fmt(v):>10}" for v in log), file=self.file or sys.stdout, flush=True)
+        print('  '.join(f"{self._fmt(v, n):>10}" for n, v in zip(names, log)), file=self.file or sys.stdout, flush=True)
     @staticmethod
-    def _fmt(v):
+    def _fmt(v, name:str=''):
         if isinstance(v, str): return v or '-'
+        if name in PERCENT_METRICS and isinstance(v, float) and not math.isnan(v): return f"{100 * v:.1f}%"   # as the final line
         if isinstance(v, float): return '-' if math.isnan(v) else (f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}")
         return str(v)
 
