@@ -201,7 +201,8 @@ def plan(root=REPO, kit_root=None, out=sys.stdout) -> bool:
     for what, s in MINUTES: print(f"  {s // 60:2d}:{s % 60:02d}  {what}", file=out)
     print(f"  {total // 60:2d}:{total % 60:02d}  at most, leaving {(DEVICE_BUDGET - total) // 60}:{(DEVICE_BUDGET - total) % 60:02d} "
           f"(a 1-minute start leaves 1 more)", file=out)
-    print("  B may use what A left: timeout_s and --limit-s both min(600, lease.budget_left_s from A's reply - 45)", file=out)
+    print("  B's timeout_s and --limit-s: both min(600, lease.budget_left_s from A's reply - 45), above or below 510: the tool cuts a"
+          "\n  call to the device time left, and a --limit-s above that cut would kill (b) before its record is written", file=out)
     print("  if A's smoke test failed, B fails the same way: do not run B; fix, rehearse, and rerun A only if time is left", file=out)
     if total > DEVICE_BUDGET: print("  OVER THE DEVICE BUDGET", file=out); ok = False
     print(f"\n{'the plan fits' if ok else 'FAIL: the plan does not fit or the kit is incomplete'}", file=out)

@@ -25,6 +25,30 @@ def test_calls_fit(tmp_path):
         assert len(gpu_kit.command(name)) <= 2000 and len(gpu_kit.CALLS[name]['carry']) <= 8
 
 
+def test_kit_scripts_use_no_test_models():
+    "timm's tiny `test_*` models may not exist in the device's timm (its version is not recorded): no kit script names one"
+    import re
+    scripts = ['gpu_kit.py', 'gpu_calls.py', 'gpu_smoke.py', 'throughput.py', 'train_market.py', 'eval_speed.py', 'search_speed.py']
+    for name in scripts:
+        src = (REPO/'benchmarks'/name).read_text()
+        assert not re.search(r"""['"]test_(resnet|efficientnet|vit|convnext|byobnet|nfnet)""", src), name
+
+
+def test_plan_refuses_a_call_over_the_limit(tmp_path, monkeypatch):
+    "plan() is False, and says which call, when a call's tree + carried paths exceed the limit, or a carried path is missing"
+    for p in ('whl', 'lite0', 'meta'): (tmp_path/'.kit'/p).mkdir(parents=True); (tmp_path/'.kit'/p/'f.bin').write_bytes(b'0' * 1000)
+    (tmp_path/'.kit'/'market').mkdir(); (tmp_path/'.kit'/'market'/'m.tar').write_bytes(b'0' * 5000)
+    import io
+    out = io.StringIO()
+    assert gpu_kit.plan(kit_root=tmp_path, out=out), out.getvalue()       # a tiny kit fits
+    monkeypatch.setattr(gpu_kit, 'LIMIT', gpu_kit.tree_bytes() + 2000)      # now call B (tree + market + ...) does not
+    out = io.StringIO()
+    assert not gpu_kit.plan(kit_root=tmp_path, out=out) and 'call B' in out.getvalue() and 'OVER 64 MiB' in out.getvalue()
+    monkeypatch.undo(); (tmp_path/'.kit'/'market'/'m.tar').unlink(); (tmp_path/'.kit'/'market').rmdir()
+    out = io.StringIO()
+    assert not gpu_kit.plan(kit_root=tmp_path, out=out) and 'MISSING' in out.getvalue()
+
+
 def test_repack_leaves_out_only_junk(tmp_path):
     "The repacked archive gives the same table and the same evaluation as the original (junk is dropped on reading)"
     sys.path.insert(0, str(REPO))

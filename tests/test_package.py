@@ -51,3 +51,16 @@ def test_ablation_script_rows_come_from_the_package(capsys):
     assert 'PAPER_ROWS' not in script and 'run_rows' not in script
     rows = script['main'](['--table', '6', '--dry-run'])
     assert rows.equals(paper_table([6])) and '4x16' in capsys.readouterr().out
+
+
+def test_readme_module_table_lists_every_module():
+    "The README's module table names every module of the package, with the notebook that is its source"
+    readme = (REPO/'README.md').read_text(encoding='utf-8')
+    mods = sorted(m.name for m in pkgutil.iter_modules(reid_fastai.__path__) if not m.name.startswith('_') and m.name != 'all')
+    missing = [m for m in mods if f'`reid_fastai.{m}`' not in readme]
+    assert missing == [], f"modules missing from the README's table: {missing}"
+    import re
+    for m in mods:
+        src = (REPO/'reid_fastai'/f'{m}.py').read_text(encoding='utf-8')
+        nb = re.search(r'File to edit: \.\./nbs/(\w+)\.ipynb', src)
+        if nb: assert f'[{nb.group(1)}](nbs/{nb.group(1)}.ipynb) | `reid_fastai.{m}`' in readme, (m, nb.group(1))
