@@ -64,3 +64,18 @@ def test_readme_module_table_lists_every_module():
         src = (REPO/'reid_fastai'/f'{m}.py').read_text(encoding='utf-8')
         nb = re.search(r'File to edit: \.\./nbs/(\w+)\.ipynb', src)
         if nb: assert f'[{nb.group(1)}](nbs/{nb.group(1)}.ipynb) | `reid_fastai.{m}`' in readme, (m, nb.group(1))
+
+
+def test_notebooks_that_draw_keep_their_figures():
+    "A notebook with a drawing cell stores at least one image (executed with MPLBACKEND=Agg, a kernel stores none)"
+    import re
+    draws = re.compile(r'\b(show_batch|show_results|plot_cmc|show_retrieval|plot_training|plot_loss_terms|plot_distance_hist|'
+                       r'show_framed_image|plt\.(subplots|plot|imshow|figure))\(')
+    empty = []
+    for nb_path in sorted((REPO/'nbs').glob('*.ipynb')):
+        cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
+        drawing = [c for c in cells if c['cell_type'] == 'code' and not ''.join(c['source']).startswith('#| export')
+                   and draws.search(''.join(c['source']))]
+        images = sum(1 for c in cells for o in c.get('outputs', []) if any(k.startswith('image/') for k in o.get('data', {})))
+        if drawing and not images: empty.append(nb_path.name)
+    assert empty == [], f"notebooks that draw but store no figure (re-execute them without MPLBACKEND): {empty}"
