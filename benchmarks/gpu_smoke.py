@@ -16,7 +16,7 @@ one runs. Exit status 0 only if all three passed.
   python benchmarks/gpu_smoke.py --device cuda --out $OUT/smoke.json
   python benchmarks/gpu_smoke.py --device cpu --size 64 32          # the same on the CPU (no bf16)
 """
-import argparse, datetime, json, os, platform, sys, time, traceback, warnings
+import argparse, datetime, json, platform, sys, time, traceback, warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]

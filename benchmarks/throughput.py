@@ -29,7 +29,6 @@ adds the bare step and the cached-path fit under `torch.compile`.
   python benchmarks/throughput.py --out benchmarks/results/throughput_h100.json
 """
 import argparse, collections, contextlib, datetime, json, os, statistics, sys, time, warnings
-from functools import partial
 from pathlib import Path
 
 import torch

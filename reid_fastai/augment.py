@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from PIL import Image
 from fastcore.basics import store_attr, patch
-from fasttransform import Transform, Pipeline
+from fasttransform import Transform
 from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.vision.core import PILImage, TensorImage, imagenet_stats, ToTensor
 from fastai.vision.augment import RandTransform, FlipItem

@@ -6,7 +6,6 @@
 from __future__ import annotations
 import textwrap, warnings
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

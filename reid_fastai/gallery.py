@@ -12,7 +12,7 @@ from fastcore.basics import patch
 with warnings.catch_warnings():  # fastai's import-time FutureWarning would print two lines before any `reid_eval` error
     warnings.filterwarnings('ignore', message='.*torch.jit.script.*', category=FutureWarning)
     from reid_fastai.data import ReIDInputError, items_table
-    from reid_fastai.evaluation import compute_distmat, show_framed_image
+    from reid_fastai.evaluation import show_framed_image
     from reid_fastai.model_io import ReIDModel, load_reid_model, model_name, same_features, jsonable
 
 # %% auto #0

@@ -7,7 +7,6 @@ from __future__ import annotations
 import inspect
 from functools import partial
 import torch
-from torch import nn
 from fastcore.basics import ifnone
 from fastcore.foundation import L
 from fastcore.meta import delegates

@@ -9,7 +9,7 @@ __all__ = ['float32_loss', 'LossTerm', 'euclidean_dist', 'cosine_dist', 'get_met
            'VerificationLoss', 'AttributeLoss', 'ReIDLoss']
 
 # %% ../nbs/02_losses.ipynb #b26983ba
-import functools, math
+import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, dataclasses, math
 from dataclasses import dataclass, field
-import pandas as pd, torch
+import pandas as pd
 from torch import nn
 from fastcore.basics import ifnone
 

@@ -5,9 +5,9 @@
 # %% ../nbs/05c_train.ipynb #62ca4e7a
 from __future__ import annotations
 import warnings
-import difflib, json, math, os, sys, time
+import json, math, sys, time
 from pathlib import Path
-import torch, timm
+import torch
 import pandas as pd
 from fastcore.basics import ifnone, noop
 from fastcore.foundation import L

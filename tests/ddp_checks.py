@@ -3,10 +3,10 @@
 
 Each check runs on every rank (the collectives need them all), compares what the ranks hold and a single-process
 computation, raises on a mismatch and leaves its numbers in OUT/checks.json (rank 0)."""
-import argparse, copy, json, math, os, signal, sys, time, warnings
+import argparse, copy, json, math, os, signal, time, warnings
 from pathlib import Path
 
-import numpy as np, torch
+import torch
 from torch import nn
 import torch.distributed as dist
 

@@ -5,7 +5,7 @@ cached small run (`reid_fastai.test_utils.tiny_run`: trained once per source ver
 24-identity demo dataset drawn with another seed."""
 import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
-import numpy as np, pandas as pd, pytest, torch
+import numpy as np, pytest, torch
 
 from reid_fastai.data import reid_df, query_gallery_df
 from reid_fastai.demo import make_demo_dataset
@@ -16,7 +16,7 @@ from reid_fastai.model_eval import evaluate_model
 from reid_fastai.gallery import GalleryIndex, have_faiss
 from reid_fastai.onnx_export import export_onnx, check_onnx, have_onnx, onnx_session
 from reid_fastai.cli import reid_eval_cli
-from reid_fastai.test_utils import tiny_run
+from reid_fastai.test_utils import tiny_run, cli_exit
 
 REPO = Path(__file__).resolve().parents[1]
 CMD = [sys.executable, '-c', 'from reid_fastai.cli import reid_eval_cli; reid_eval_cli()']
@@ -47,11 +47,7 @@ def run(tmp_path_factory):
 
 def _cli_in_process(*args):
     "reid_eval_cli's exit status (0 when it returned) and stderr for `args`, in this process"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try: reid_eval_cli([str(a) for a in args]); code = 0
-        except SystemExit as e: code = e.code
-    return code, err.getvalue()
+    return cli_exit(reid_eval_cli, *args)
 
 
 def test_console_smoke(run, data, tmp_path):

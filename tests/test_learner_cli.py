@@ -1,7 +1,7 @@
 """`reid_train` end to end on a tiny dataset: the console script (one process), its bad-input errors (in this process),
 seeded reproducibility, an interrupted run resumed from its checkpoint, and a NaN run. What a notebook cannot express
 (processes, interruptions), kept small: CPU, num_workers=0, a 16-identity demo dataset at 32x16 pixels."""
-import configparser, contextlib, io, json, os, shutil, subprocess, sys
+import configparser, contextlib, io, json, shutil, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from fastai.callback.core import Callback

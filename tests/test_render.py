@@ -1,7 +1,7 @@
 """The docs render: the processed notebooks become HTML pages (nbdev's processing + nbconvert, since
 quarto can't be installed here) and headless Chromium shows the tutorial with its text, tables and plots.
 A screenshot is saved to tests/artifacts/ for a person to look at."""
-import json, os, shutil, subprocess, sys
+import json, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 
